@@ -1,0 +1,127 @@
+"""Fields shared by the pretraining configs (SimCLR and MICLe). Not a config file itself."""
+
+import ml_collections
+
+# Released SimCLR architectures used by Azizi et al. 2021 (config arg -> model.variant).
+ARCHITECTURES = {
+    "r50_1x": "r50_1x_sk0",
+    "r50_4x": "r50_4x_sk0",
+    "r152_2x": "r152_2x_sk0",
+    "r152_3x_sk1": "r152_3x_sk1",
+    "tiny": "r18_0.125x_sk0",
+}
+
+
+def pretrain_config(method: str) -> ml_collections.ConfigDict:
+    """SimCLR defaults (Chen et al. 2020 / google-research/simclr), overridden per variant."""
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "r50_1x_sk0"
+    c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    c.model.num_proj_layers = 2  # SimCLRv1 head as in Azizi et al.; SimCLRv2 uses 3
+    c.model.proj_out_dim = 128
+    c.model.ft_proj_selector = 0
+    c.model.bn_momentum = 0.9
+    c.model.cifar_stem = False  # 3x3 stride-1 stem without max-pool, for tiny images
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "demo"
+    c.data.split = "train"
+    c.data.data_dir = ""  # TFDS data_dir ('' -> $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.manual_dir = ""  # where the licensed raw files are (real datasets only)
+    c.data.options = ml_collections.ConfigDict()  # read-time options (e.g. CheXpert uncertainty)
+    c.data.image_size = 224
+    c.data.fraction_seed = 0
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.recipe = "simclr"  # documentation only: the fields below are what is applied
+    c.augment.color_strength = 1.0
+    c.augment.blur = True
+    c.augment.rotation_degrees = 0.0
+    c.augment.flip = True
+    c.augment.grayscale_prob = 0.2
+    c.augment.color_jitter_prob = 0.8
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 0.1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "lars"
+    c.optim.base_learning_rate = 0.3
+    c.optim.lr_scaling = "linear"  # base * B / 256; 'sqrt' for small batches
+    c.optim.weight_decay = 1e-6
+    c.optim.momentum = 0.9
+    c.optim.warmup_epochs = 10.0
+    c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs
+
+    c.batch_size = 4096  # global, over all devices and hosts
+    c.num_epochs = 100.0
+    c.num_steps = -1  # > 0 overrides num_epochs
+    c.linear_probe = True  # online probe on stop_gradient features when labels exist
+
+    c.init_checkpoint = ""  # warm start: an earlier stage's workdir (e.g. ImageNet SimCLR)
+    c.init_parts = ("backbone", "projection_head")
+
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.stop_after_steps = 0  # > 0: checkpoint and exit after this many steps (rerun resumes)
+    return c
+
+
+def chexpert(c: ml_collections.ConfigDict) -> None:
+    """Azizi et al. CheXpert pretraining recipe (REFERENCE.md; batch/lr/steps unverified)."""
+    c.data.name = "chexpert"
+    c.data.options.uncertainty = "u_ones"
+    c.data.options.conditions = "competition"
+    c.data.image_size = 224
+    c.augment.recipe = "chexpert"
+    c.augment.color_strength = 0.5
+    c.augment.blur = False
+    c.augment.rotation_degrees = 45.0
+    c.batch_size = 1024  # unverified (REFERENCE.md)
+    c.optim.base_learning_rate = 0.5  # unverified
+    c.num_steps = 100_000  # "up to 100k steps" (unverified)
+    c.loss.temperature = 0.1  # paper grid {0.1, 0.5, 1.0}
+
+
+def demo(c: ml_collections.ConfigDict) -> None:
+    """Tiny ResNet on the synthetic demo set: a few minutes on a 2-core CPU."""
+    c.data.name = "demo"
+    c.data.image_size = 32
+    c.model.variant = "r18_0.125x_sk0"
+    c.model.dtype = "float32"
+    c.model.cifar_stem = False
+    c.batch_size = 64
+    c.num_steps = 300
+    c.loss.temperature = 0.2
+    c.optim.lr_scaling = "sqrt"  # SimCLRv2 small-batch rule: 0.1 * sqrt(B)... scaled below
+    c.optim.base_learning_rate = 0.15
+    c.optim.warmup_steps = 30
+    c.log_every_steps = 25
+    c.checkpoint_every_steps = 100
+
+
+def apply_args(c: ml_collections.ConfigDict, arg: str | None, dataset_variants: dict) -> None:
+    """Applies comma-separated variant names (architectures and datasets) in order."""
+    for name in filter(None, (arg or "").split(",")):
+        if name in ARCHITECTURES:
+            c.model.variant = ARCHITECTURES[name]
+        elif name in dataset_variants:
+            dataset_variants[name](c)
+        else:
+            valid = sorted(ARCHITECTURES) + sorted(dataset_variants)
+            raise ValueError(f"unknown config variant {name!r}; valid: {valid}")
+
+
+def micle_defaults() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    # 'exclude': no global batch holds two cases of one patient (REFERENCE.md, MICLe);
+    # 'mask': allow them but drop same-patient pairs from the negatives (for datasets whose
+    # cases are much smaller than patients); 'allow': plain NT-Xent.
+    m.same_patient = "exclude"
+    return m

@@ -1,0 +1,114 @@
+"""Config helpers shared by every stage: validation, model construction, step arithmetic.
+
+`validate` runs before any data is read or anything compiled, so an impossible config fails in
+seconds with a message naming the offending field.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from medssl_jax import optim
+
+METHODS = ("simclr", "micle", "finetune", "linear_eval")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SAME_PATIENT = ("exclude", "mask", "allow")
+AUGMENT_KEYS = (
+    "color_strength",
+    "blur",
+    "rotation_degrees",
+    "flip",
+    "grayscale_prob",
+    "color_jitter_prob",
+)
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent config; the message names the field."""
+
+
+def _require(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field the stages read; raises ConfigError naming the first bad one."""
+    from data_builders import KNOWN
+    from medssl_jax.models import get_variant
+
+    _require(
+        config.get("method") in METHODS, "method", f"{config.get('method')!r} not in {METHODS}"
+    )
+    _require(int(config.batch_size) > 0, "batch_size", f"must be > 0, got {config.batch_size}")
+    steps_ok = int(config.get("num_steps", -1)) > 0 or float(config.get("num_epochs", 0)) > 0
+    _require(steps_ok, "num_steps", "set num_steps > 0 or num_epochs > 0")
+    _require(config.data.name in KNOWN, "data.name", f"{config.data.name!r} not in {KNOWN}")
+    _require(int(config.data.image_size) >= 16, "data.image_size", "must be >= 16")
+    lf = float(config.data.get("label_fraction", 1.0))
+    _require(0.0 < lf <= 1.0, "data.label_fraction", f"must be in (0, 1], got {lf}")
+    try:
+        get_variant(config.model.variant)
+    except ValueError as e:
+        raise ConfigError(f"config.model.variant: {e}") from None
+    _require(
+        config.model.dtype in DTYPES,
+        "model.dtype",
+        f"{config.model.dtype!r} not in {tuple(DTYPES)}",
+    )
+    _require(config.optim.name in optim.OPTIMIZERS, "optim.name", f"not in {optim.OPTIMIZERS}")
+    _require(
+        config.optim.lr_scaling in optim.LR_SCALINGS,
+        "optim.lr_scaling",
+        f"{config.optim.lr_scaling!r} not in {optim.LR_SCALINGS}",
+    )
+    _require(float(config.optim.base_learning_rate) > 0, "optim.base_learning_rate", "must be > 0")
+    for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _require(int(config[f]) > 0, f, f"must be > 0, got {config[f]}")
+    if config.method in ("simclr", "micle"):
+        _require(float(config.loss.temperature) > 0, "loss.temperature", "must be > 0")
+        for k in AUGMENT_KEYS:
+            _require(k in config.augment, f"augment.{k}", "missing")
+    if config.method == "micle":
+        sp = config.micle.same_patient
+        _require(sp in SAME_PATIENT, "micle.same_patient", f"{sp!r} not in {SAME_PATIENT}")
+    path = config.get("init_checkpoint", "")
+    if path:
+        _require(os.path.exists(path), "init_checkpoint", f"{path!r} does not exist")
+
+
+def model_from_config(config: ml_collections.ConfigDict, *, num_classes: int, **overrides: Any):
+    """The SimCLRModel named by `config.model` (variant + head fields), with `overrides`."""
+    from medssl_jax.models import create_model
+
+    m = config.model
+    fields = dict(
+        num_proj_layers=int(m.num_proj_layers),
+        proj_out_dim=int(m.proj_out_dim),
+        ft_proj_selector=int(m.get("ft_proj_selector", 0)),
+        dtype=DTYPES[m.dtype],
+        bn_momentum=float(m.get("bn_momentum", 0.9)),
+        cifar_stem=bool(m.get("cifar_stem", False)),
+    )
+    fields.update(overrides)
+    return create_model(m.variant, num_classes=num_classes, **fields)
+
+
+def steps(config: ml_collections.ConfigDict, epoch_items: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps): SimCLR's N*epochs//B + 1 unless num_steps is set."""
+    b = int(config.batch_size)
+    if int(config.get("num_steps", -1)) > 0:
+        total = int(config.num_steps)
+    else:
+        total = int(epoch_items * float(config.num_epochs)) // b + 1
+    ws = int(config.optim.get("warmup_steps", -1))
+    warmup = ws if ws >= 0 else int(round(float(config.optim.warmup_epochs) * epoch_items / b))
+    return total, min(warmup, total)
+
+
+def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {k: config.augment[k] for k in AUGMENT_KEYS}

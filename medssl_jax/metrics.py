@@ -1,0 +1,502 @@
+"""Evaluation metrics on gathered host-side predictions (NumPy only, no scikit-learn).
+
+Used after the predictions of a whole split have been gathered to the host: softmax
+(multi-class) and sigmoid (multi-label, CheXpert-style masked) metrics, ROC AUC with
+sklearn-compatible tie handling, quadratic-weighted Cohen's kappa, expected calibration error,
+and a plain prediction CSV format (see `write_predictions_csv` / `read_predictions_csv`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "Predictions",
+    "cohen_kappa_quadratic",
+    "expected_calibration_error",
+    "read_predictions_csv",
+    "roc_auc",
+    "roc_curve",
+    "sigmoid_metrics",
+    "softmax_metrics",
+    "top_k_accuracy",
+    "write_predictions_csv",
+]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _finite_2d(name: str, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, K] array, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"{name} has a non-finite value at row {bad[0]}, class {bad[1]}")
+    return x
+
+
+def _int_labels(name: str, labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        if labels.dtype.kind == "f" and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must be integer class indices, got dtype {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"{name}[{bad[0]}] = {labels[bad[0]]} is outside [0, {num_classes}) "
+            f"({bad.size} bad rows)"
+        )
+    return labels.astype(np.int64)
+
+
+def _class_keys(class_names: Sequence[str] | None, k: int) -> list[str]:
+    if class_names is None:
+        return [str(i) for i in range(k)]
+    names = [str(c) for c in class_names]
+    if len(names) != k:
+        raise ValueError(f"class_names has {len(names)} entries but the logits have {k} classes")
+    if len(set(names)) != k:
+        raise ValueError(f"class_names must be unique, got {names}")
+    return names
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))  # stable in both tails
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# ----------------------------------------------------------------------------- ROC
+
+
+def _binary_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in length")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(
+            f"scores has a non-finite value at index {np.flatnonzero(~np.isfinite(scores))[0]}"
+        )
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError(f"labels must be 0/1, got values {np.unique(labels)[:10]}")
+    labels = labels.astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError(
+            "ROC AUC is undefined: labels contain a single class "
+            f"({int(labels.sum())} positives of {labels.size})"
+        )
+    return scores, labels
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x with ties given their average rank (like scipy.stats.rankdata)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # Start index of each run of equal values.
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], xs.size]
+    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks start+1 .. end
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Binary ROC AUC (Mann-Whitney U with average ranks; ties count 1/2 like sklearn).
+
+    Raises ValueError when labels hold a single class (AUC undefined).
+    """
+    scores, labels = _binary_inputs(scores, labels)
+    ranks = _average_ranks(scores)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(
+    scores: np.ndarray, labels: np.ndarray, *, drop_intermediate: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve (fpr, tpr, thresholds), same points as sklearn.metrics.roc_curve.
+
+    thresholds are decreasing and start with +inf (the point (0, 0)); drop_intermediate
+    removes collinear points.
+    """
+    scores, labels = _binary_inputs(scores, labels)
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    y = labels[order].astype(np.float64)
+    threshold_idx = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tps = np.cumsum(y)[threshold_idx]
+    fps = 1 + threshold_idx - tps
+    thresholds = s[threshold_idx]
+    if drop_intermediate and tps.size > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+    tps = np.r_[0.0, tps]
+    fps = np.r_[0.0, fps]
+    thresholds = np.r_[np.inf, thresholds]
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+# ----------------------------------------------------------------------------- other metrics
+
+
+def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k highest scores.
+
+    Ties are broken towards the lower class index (the np.argmax convention), so k=1 equals
+    mean(argmax == label).
+    """
+    logits = _finite_2d("logits", logits)
+    n, num_classes = logits.shape
+    labels = _int_labels("labels", labels, n, num_classes)
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k={k} must be in [1, {num_classes}]")
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # [N, k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def cohen_kappa_quadratic(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """Quadratic-weighted Cohen's kappa of integer grades in [0, num_classes).
+
+    Weights are (i - j)^2 on the grade values (all num_classes grades, even absent ones).
+    Returns NaN when the expected disagreement is zero (e.g. a single grade everywhere).
+    """
+    pred = np.asarray(pred)
+    n = pred.shape[0] if pred.ndim == 1 else -1
+    if pred.ndim != 1 or n == 0:
+        raise ValueError(f"pred must be a non-empty 1-D array, got shape {pred.shape}")
+    pred = _int_labels("pred", pred, n, num_classes)
+    label = _int_labels("label", label, n, num_classes)
+    observed = np.zeros((num_classes, num_classes), dtype=np.float64)
+    np.add.at(observed, (label, pred), 1.0)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / n
+    grades = np.arange(num_classes, dtype=np.float64)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    denom = float(np.sum(weights * expected))
+    if denom == 0.0:
+        return float("nan")
+    return float(1.0 - np.sum(weights * observed) / denom)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+    """Expected calibration error with num_bins equal-width bins (lo, hi] over [0, 1].
+
+    probs [N, K] with integer labels [N]: confidence = max prob, outcome = (argmax == label).
+    probs [N] with labels [N] in [0, 1]: confidence = probs, outcome = labels (e.g. the
+    probability of a positive finding and its 0/1 label, or a confidence and a correct flag).
+    ECE = sum_b (n_b / N) * |mean(outcome)_b - mean(confidence)_b|.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim == 2:
+        probs = _finite_2d("probs", probs)
+        labels = _int_labels("labels", labels, probs.shape[0], probs.shape[1])
+        conf = probs.max(axis=1)
+        outcome = (np.argmax(probs, axis=1) == labels).astype(np.float64)
+    elif probs.ndim == 1:
+        conf = probs
+        outcome = np.asarray(labels, dtype=np.float64)
+        if outcome.shape != conf.shape:
+            raise ValueError(f"labels shape {outcome.shape} must match probs shape {conf.shape}")
+        if np.any((outcome < 0) | (outcome > 1)) or not np.all(np.isfinite(outcome)):
+            raise ValueError("with 1-D probs, labels must be outcomes in [0, 1]")
+    else:
+        raise ValueError(f"probs must be [N, K] or [N], got shape {probs.shape}")
+    if conf.size == 0:
+        raise ValueError("expected_calibration_error needs at least one example")
+    if not np.all(np.isfinite(conf)) or np.any((conf < 0) | (conf > 1 + 1e-6)):
+        raise ValueError("probabilities must be finite and in [0, 1]")
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    # searchsorted(side='left') - 1 puts c into bin i with edges[i] < c <= edges[i+1].
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
+    conf_sum = np.bincount(bins, weights=conf, minlength=num_bins)
+    out_sum = np.bincount(bins, weights=outcome, minlength=num_bins)
+    return float(np.sum(np.abs(out_sum - conf_sum)) / conf.size)
+
+
+# ----------------------------------------------------------------------------- split metrics
+
+
+def softmax_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    graded: bool = False,
+    num_bins: int = 15,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Multi-class metrics of a whole split from logits [N, K] and integer labels [N].
+
+    Keys: loss (mean softmax cross-entropy), top1, top3 (when K >= 3), auc/<class> (one-vs-rest
+    on softmax probabilities, only for classes with both label values present), auc_mean,
+    auc_num_skipped, ece, num_examples, and kappa_quadratic when graded=True (ordinal labels).
+    """
+    logits = _finite_2d("logits", logits)
+    n, k = logits.shape
+    labels = _int_labels("labels", labels, n, k)
+    keys = _class_keys(class_names, k)
+    log_probs = _log_softmax(logits)
+    probs = np.exp(log_probs)
+    out: dict[str, float] = {
+        "num_examples": float(n),
+        "loss": float(-np.mean(log_probs[np.arange(n), labels])),
+        "top1": top_k_accuracy(logits, labels, 1),
+    }
+    if k >= 3:
+        out["top3"] = top_k_accuracy(logits, labels, 3)
+    aucs = []
+    for c, key in enumerate(keys):
+        is_c = labels == c
+        if is_c.all() or not is_c.any():
+            continue
+        out[f"auc/{key}"] = roc_auc(probs[:, c], is_c)
+        aucs.append(out[f"auc/{key}"])
+    out["auc_mean"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["auc_num_skipped"] = float(k - len(aucs))
+    out["ece"] = expected_calibration_error(probs, labels, num_bins)
+    if graded:
+        out["kappa_quadratic"] = cohen_kappa_quadratic(np.argmax(logits, axis=1), labels, k)
+    return out
+
+
+def sigmoid_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    num_bins: int = 15,
+    ece: bool = True,
+) -> dict[str, float]:
+    """Multi-label metrics (e.g. CheXpert) from logits [N, K], 0/1 labels [N, K], mask [N, K].
+
+    Only entries with mask == 1 count (labels elsewhere may be anything, e.g. -1 = uncertain).
+    Keys: loss (masked mean sigmoid BCE), accuracy (masked, at probability 0.5), auc/<class>
+    and ece/<class> over that class's valid examples, auc_mean / ece_mean over classes with
+    both label values, auc_num_skipped, num_examples, num_labels (valid entries).
+    """
+    logits = _finite_2d("logits", logits)
+    n, k = logits.shape
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.shape != (n, k):
+        raise ValueError(f"labels must have shape {(n, k)}, got {labels.shape}")
+    if mask is None:
+        valid = np.ones((n, k), dtype=bool)
+    else:
+        mask = np.asarray(mask)
+        if mask.shape != (n, k):
+            raise ValueError(f"mask must have shape {(n, k)}, got {mask.shape}")
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError(f"mask must be 0/1, got values {np.unique(mask)[:10]}")
+        valid = mask.astype(bool)
+    bad = np.argwhere(valid & ~((labels == 0) | (labels == 1)))
+    if bad.size:
+        r, c = bad[0]
+        raise ValueError(f"labels[{r}, {c}] = {labels[r, c]} must be 0 or 1 where mask == 1")
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError("sigmoid_metrics: the mask leaves no valid label")
+    keys = _class_keys(class_names, k)
+    y = np.where(valid, labels, 0.0)
+    # BCE with logits: max(x, 0) - x*y + log(1 + exp(-|x|)).
+    bce = np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))
+    probs = _sigmoid(logits)
+    correct = (logits > 0) == (y > 0.5)
+    out: dict[str, float] = {
+        "num_examples": float(n),
+        "num_labels": float(num_valid),
+        "loss": float(np.sum(bce * valid) / num_valid),
+        "accuracy": float(np.sum(correct & valid) / num_valid),
+    }
+    aucs, eces = [], []
+    for c, key in enumerate(keys):
+        v = valid[:, c]
+        yc = y[v, c]
+        if yc.size == 0 or yc.all() or not yc.any():
+            continue
+        out[f"auc/{key}"] = roc_auc(probs[v, c], yc)
+        aucs.append(out[f"auc/{key}"])
+        if ece:
+            out[f"ece/{key}"] = expected_calibration_error(probs[v, c], yc, num_bins)
+            eces.append(out[f"ece/{key}"])
+    out["auc_mean"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["auc_num_skipped"] = float(k - len(aucs))
+    if ece:
+        out["ece_mean"] = float(np.mean(eces)) if eces else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- prediction CSVs
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Contents of a prediction CSV.
+
+    labels: int [N] (multiclass, -1 where masked) or float [N, K] (multilabel, 0 where
+    masked); label_mask: bool, same shape as labels; scores: float64 [N, K] probabilities.
+    """
+
+    case_ids: list[str]
+    image_ids: list[str]
+    labels: np.ndarray
+    label_mask: np.ndarray
+    scores: np.ndarray
+    class_names: tuple[str, ...]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+
+def _as_str_ids(name: str, ids: Sequence, n: int) -> list[str]:
+    out = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in np.asarray(ids).tolist()]
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} entries, expected {n}")
+    return out
+
+
+def write_predictions_csv(
+    path: str | os.PathLike,
+    *,
+    case_ids: Sequence,
+    image_ids: Sequence,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    label_mask: np.ndarray | None = None,
+) -> None:
+    """Write one row per example: case_id, image_id, label column(s), score/<class> columns.
+
+    Multiclass: labels int [N] -> one 'label' column (class index). Multilabel: labels [N, K]
+    -> 'label/<class>' columns. Entries with label_mask == 0 are left empty. scores are
+    probabilities [N, K] written at full (shortest round-trip) precision; no other identifiers
+    are written.
+    """
+    raw = np.asarray(scores)
+    scores = _finite_2d("scores", raw)
+    n, k = scores.shape
+    names = _class_keys(class_names, k)
+    if np.any((scores < 0) | (scores > 1)):
+        r, c = np.argwhere((scores < 0) | (scores > 1))[0]
+        raise ValueError(f"scores[{r}, {c}] = {scores[r, c]} is not a probability in [0, 1]")
+    labels = np.asarray(labels)
+    multilabel = labels.ndim == 2
+    if labels.shape != ((n, k) if multilabel else (n,)):
+        raise ValueError(f"labels must have shape ({n},) or {(n, k)}, got {labels.shape}")
+    mask = np.ones(labels.shape, bool) if label_mask is None else np.asarray(label_mask)
+    if mask.shape != labels.shape:
+        raise ValueError(f"label_mask shape {mask.shape} must match labels shape {labels.shape}")
+    mask = mask.astype(bool)
+    case_ids = _as_str_ids("case_ids", case_ids, n)
+    image_ids = _as_str_ids("image_ids", image_ids, n)
+    if multilabel:
+        lab = labels.astype(np.float64)
+        if not np.all(np.isfinite(lab[mask])):
+            raise ValueError("multilabel labels must be finite where label_mask == 1")
+        label_txt = [
+            [format(v, "g") if m else "" for v, m in zip(row, mrow, strict=True)]
+            for row, mrow in zip(lab.tolist(), mask.tolist(), strict=True)
+        ]
+        header = ["case_id", "image_id", *[f"label/{c}" for c in names]]
+    else:
+        ok = _int_labels("labels (unmasked rows)", labels[mask], int(mask.sum()), k)
+        lab = np.full((n,), -1, np.int64)
+        lab[mask] = ok
+        label_txt = [
+            [str(v) if m else ""] for v, m in zip(lab.tolist(), mask.tolist(), strict=True)
+        ]
+        header = ["case_id", "image_id", "label"]
+    header += [f"score/{c}" for c in names]
+    # Shortest text that round-trips the scores' own float dtype (float32 stays short).
+    dtype = raw.dtype if raw.dtype in (np.float32, np.float64) else np.float64
+    score_txt = scores.astype(dtype).astype(str)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i in range(n):
+            w.writerow([case_ids[i], image_ids[i], *label_txt[i], *score_txt[i].tolist()])
+
+
+def read_predictions_csv(path: str | os.PathLike) -> Predictions:
+    """Read a CSV written by write_predictions_csv; errors name the file, row and column."""
+    path = os.fspath(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path}: empty predictions file (no header)")
+    header = rows[0]
+    if header[:2] != ["case_id", "image_id"]:
+        raise ValueError(f"{path}: header must start with case_id,image_id, got {header[:2]}")
+    score_cols = [i for i, h in enumerate(header) if h.startswith("score/")]
+    label_cols = [i for i, h in enumerate(header) if h == "label" or h.startswith("label/")]
+    names = tuple(header[i][len("score/") :] for i in score_cols)
+    if not names:
+        raise ValueError(f"{path}: no score/<class> columns in header")
+    multilabel = header[label_cols[0]] != "label" if label_cols else False
+    if multilabel:
+        label_names = tuple(header[i][len("label/") :] for i in label_cols)
+        if label_names != names:
+            raise ValueError(f"{path}: label columns {label_names} differ from scores {names}")
+    elif len(label_cols) != 1:
+        raise ValueError(f"{path}: expected one 'label' column or label/<class> columns")
+    if len(label_cols) + len(score_cols) + 2 != len(header):
+        raise ValueError(f"{path}: unexpected columns in header {header}")
+    body = rows[1:]
+    n, k = len(body), len(names)
+    scores = np.zeros((n, k), np.float64)
+    labels = np.zeros((n, k), np.float64) if multilabel else np.full((n,), -1, np.int64)
+    mask = np.zeros(labels.shape, bool)
+
+    def parse(row_no: int, col: int, text: str, kind: type):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(
+                f"{path}: row {row_no}, column {header[col]!r}: cannot parse {text!r}"
+            ) from None
+
+    for r, row in enumerate(body):
+        row_no = r + 2  # 1-based file line, header is line 1
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path}: row {row_no} has {len(row)} fields, header has {len(header)}"
+            )
+        for j, col in enumerate(score_cols):
+            scores[r, j] = parse(row_no, col, row[col], float)
+        for j, col in enumerate(label_cols):
+            if row[col] == "":
+                continue
+            if multilabel:
+                labels[r, j] = parse(row_no, col, row[col], float)
+                mask[r, j] = True
+            else:
+                labels[r] = parse(row_no, col, row[col], int)
+                mask[r] = True
+    return Predictions(
+        case_ids=[row[0] for row in body],
+        image_ids=[row[1] for row in body],
+        labels=labels,
+        label_mask=mask,
+        scores=scores,
+        class_names=names,
+    )

@@ -1,0 +1,314 @@
+"""SimCLR-flavoured ResNet v1 (post-activation) backbone in Flax linen.
+
+Mirrors google-research/simclr `resnet.py`: fixed padding on strided convs, BN eps 1e-5 /
+momentum 0.9 with the last gamma of every residual branch initialised to 0, a projection
+shortcut on the first block of every group, and, when `sk_ratio > 0`, selective-kernel convs
+together with the ResNet-D stem and ResNet-D (avg-pool) projection shortcuts.
+
+Layers are called in the order the TF reference creates its variables (in each block the
+projection shortcut first, then the residual branch); `layer_order.layer_call_order` recovers
+that order for checkpoint restorers (variable dicts themselves come back key-sorted).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# depth -> number of blocks per group (4 groups).
+BLOCK_SIZES: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+BOTTLENECK_DEPTHS = frozenset({50, 101, 152, 200})
+GROUP_FILTERS = (64, 128, 256, 512)
+GROUP_STRIDES = (1, 2, 2, 2)
+SK_MIN_DIM = 32
+
+# keras VarianceScaling() default == jax variance_scaling(1, fan_in, truncated_normal).
+conv_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def scaled_channels(channels: int, width_multiplier: float) -> int:
+    """Channel count `channels * width_multiplier` rounded to an int (at least 1)."""
+    return max(1, int(round(channels * width_multiplier)))
+
+
+def feature_dim(depth: int, width_multiplier: float) -> int:
+    """Size of the pooled backbone output: 2048*w for bottleneck nets, 512*w otherwise."""
+    expansion = 4 if depth in BOTTLENECK_DEPTHS else 1
+    return expansion * scaled_channels(GROUP_FILTERS[-1], width_multiplier)
+
+
+def validate_backbone(depth: int, width_multiplier: float, sk_ratio: float) -> None:
+    """Raise ValueError for an unsupported depth / width / sk_ratio combination."""
+    if depth not in BLOCK_SIZES:
+        raise ValueError(f"ResNet depth must be one of {sorted(BLOCK_SIZES)}, got {depth!r}")
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier!r}")
+    if not sk_ratio >= 0:
+        raise ValueError(f"sk_ratio must be >= 0, got {sk_ratio!r}")
+
+
+def fixed_padding(x: jax.Array, kernel_size: int) -> jax.Array:
+    """Zero-pad H and W of NHWC `x` by k-1 in total, (k-1)//2 before, independent of input size."""
+    pad_total = kernel_size - 1
+    pad_beg = pad_total // 2
+    pad_end = pad_total - pad_beg
+    return jnp.pad(x, ((0, 0), (pad_beg, pad_end), (pad_beg, pad_end), (0, 0)))
+
+
+def conv_fixed_padding(
+    x: jax.Array,
+    features: int,
+    kernel_size: int,
+    strides: int,
+    *,
+    dtype: Any,
+    name: str,
+) -> jax.Array:
+    """Bias-free conv: SAME when stride 1, else fixed padding + VALID (TF SimCLR semantics).
+
+    Must be called inside a compact method: the conv becomes a child of the calling module.
+    """
+    if strides > 1:
+        x = fixed_padding(x, kernel_size)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding="SAME" if strides == 1 else "VALID",
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )(x)
+
+
+def batch_norm(
+    x: jax.Array,
+    *,
+    train: bool,
+    relu: bool = True,
+    zero_init: bool = False,
+    use_bias: bool = True,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    dtype: Any = jnp.float32,
+    name: str,
+) -> jax.Array:
+    """BatchNorm (float32 params and statistics) optionally followed by ReLU.
+
+    Train mode normalises with batch statistics (global under jit on a sharded batch) and
+    updates `batch_stats`; eval mode uses the running averages.
+    """
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=momentum,
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_bias=use_bias,
+        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+        force_float32_reductions=True,
+        name=name,
+    )(x)
+    return nn.relu(x) if relu else x
+
+
+def resnet_d_avg_pool(x: jax.Array, strides: int) -> jax.Array:
+    """ResNet-D shortcut pooling: 2x2 average pool with the block's stride.
+
+    As in TF SimCLR: stride 1 uses SAME padding (one row/col after) with the padding EXCLUDED
+    from the average; stride > 1 uses fixed padding then VALID, so for even input sizes (all
+    standard resolutions) the padding is never inside a window.
+    """
+    if strides > 1:
+        x = fixed_padding(x, 2)
+        return nn.avg_pool(x, (2, 2), strides=(strides, strides), padding="VALID")
+    return nn.avg_pool(x, (2, 2), strides=(1, 1), padding="SAME", count_include_pad=False)
+
+
+class _BlockBase(nn.Module):
+    """Fields shared by residual blocks."""
+
+    filters: int
+    strides: int = 1
+    use_projection: bool = False
+    sk_ratio: float = 0.0
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    def _bn(self, train: bool):
+        return partial(
+            batch_norm,
+            train=train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
+
+    def _shortcut(self, x: jax.Array, out_features: int, train: bool) -> jax.Array:
+        """Identity, or projection (ResNet-D avg-pool + 1x1 conv when SK) followed by BN."""
+        if not self.use_projection:
+            return x
+        if self.sk_ratio > 0:
+            x = resnet_d_avg_pool(x, self.strides)
+            x = conv_fixed_padding(x, out_features, 1, 1, dtype=self.dtype, name="shortcut_conv")
+        else:
+            x = conv_fixed_padding(
+                x, out_features, 1, self.strides, dtype=self.dtype, name="shortcut_conv"
+            )
+        return self._bn(train)(x, relu=False, name="shortcut_bn")
+
+
+class SelectiveKernelConv(nn.Module):
+    """Selective-kernel 3x3 conv (SKNet as simplified in SimCLRv2): two 3x3 streams from one
+    conv with 2f filters, mixed per channel by a softmax computed from their global average."""
+
+    filters: int
+    strides: int = 1
+    sk_ratio: float = 0.0625
+    min_dim: int = SK_MIN_DIM
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = partial(
+            batch_norm,
+            train=train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
+        f = self.filters
+        x = conv_fixed_padding(x, 2 * f, 3, self.strides, dtype=self.dtype, name="conv")
+        x = bn(x, name="bn")
+        a, b = jnp.split(x, 2, axis=-1)  # 2 x [B, H, W, f]
+        g = jnp.mean((a + b).astype(jnp.float32), axis=(1, 2), keepdims=True)  # [B, 1, 1, f]
+        mid_dim = max(int(f * self.sk_ratio), self.min_dim)
+        g = conv_fixed_padding(g.astype(self.dtype), mid_dim, 1, 1, dtype=self.dtype, name="fc0")
+        g = bn(g, name="fc0_bn")
+        m = conv_fixed_padding(g, 2 * f, 1, 1, dtype=self.dtype, name="fc1")  # [B, 1, 1, 2f]
+        ma, mb = jnp.split(m.astype(jnp.float32), 2, axis=-1)
+        w = jax.nn.softmax(jnp.stack([ma, mb]), axis=0).astype(x.dtype)  # [2, B, 1, 1, f]
+        return a * w[0] + b * w[1]
+
+
+class BottleneckBlock(_BlockBase):
+    """1x1 -> 3x3 (or SK) -> 1x1 (4f) residual block; output relu(branch + shortcut)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = self._bn(train)
+        f = self.filters
+        shortcut = self._shortcut(x, 4 * f, train)
+        y = conv_fixed_padding(x, f, 1, 1, dtype=self.dtype, name="conv1")
+        y = bn(y, name="bn1")
+        if self.sk_ratio > 0:
+            y = SelectiveKernelConv(
+                f,
+                self.strides,
+                self.sk_ratio,
+                dtype=self.dtype,
+                bn_momentum=self.bn_momentum,
+                bn_epsilon=self.bn_epsilon,
+                name="sk_conv",
+            )(y, train)
+        else:
+            y = conv_fixed_padding(y, f, 3, self.strides, dtype=self.dtype, name="conv2")
+            y = bn(y, name="bn2")
+        y = conv_fixed_padding(y, 4 * f, 1, 1, dtype=self.dtype, name="conv3")
+        y = bn(y, relu=False, zero_init=True, name="bn3")
+        return nn.relu(y + shortcut)
+
+
+class BasicBlock(_BlockBase):
+    """3x3 -> 3x3 residual block (ResNet-18/34). SK only switches the shortcut to ResNet-D,
+    exactly as in the TF reference."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = self._bn(train)
+        shortcut = self._shortcut(x, self.filters, train)
+        y = conv_fixed_padding(x, self.filters, 3, self.strides, dtype=self.dtype, name="conv1")
+        y = bn(y, name="bn1")
+        y = conv_fixed_padding(y, self.filters, 3, 1, dtype=self.dtype, name="conv2")
+        y = bn(y, relu=False, zero_init=True, name="bn2")
+        return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    """SimCLR ResNet v1 backbone: [B, H, W, C] in [0, 1] -> pooled float32 features [B, D].
+
+    D = 2048*w (bottleneck) or 512*w (basic). `cifar_stem` replaces the stem by one 3x3
+    stride-1 conv without max-pool (SimCLR's CIFAR variant, for tiny images).
+    """
+
+    depth: int = 50
+    width_multiplier: float = 1
+    sk_ratio: float = 0.0
+    cifar_stem: bool = False
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        validate_backbone(self.depth, self.width_multiplier, self.sk_ratio)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"ResNet expects NHWC images [B, H, W, C], got shape {x.shape}")
+        dtype = jnp.dtype(self.dtype)
+        ch = partial(scaled_channels, width_multiplier=self.width_multiplier)
+        conv = partial(conv_fixed_padding, dtype=dtype)
+        bn = partial(
+            batch_norm, train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=dtype
+        )
+        x = x.astype(dtype)
+
+        if self.cifar_stem:
+            x = conv(x, ch(64), 3, 1, name="stem_conv0")
+            x = bn(x, name="stem_bn0")
+        else:
+            if self.sk_ratio > 0:  # ResNet-D stem: three 3x3 convs.
+                x = conv(x, ch(32), 3, 2, name="stem_conv0")
+                x = bn(x, name="stem_bn0")
+                x = conv(x, ch(32), 3, 1, name="stem_conv1")
+                x = bn(x, name="stem_bn1")
+                x = conv(x, ch(64), 3, 1, name="stem_conv2")
+                x = bn(x, name="stem_bn2")
+            else:
+                x = conv(x, ch(64), 7, 2, name="stem_conv0")
+                x = bn(x, name="stem_bn0")
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+
+        block_cls = BottleneckBlock if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+        groups = zip(BLOCK_SIZES[self.depth], GROUP_FILTERS, GROUP_STRIDES, strict=True)
+        for g, (num_blocks, filters, strides) in enumerate(groups, start=1):
+            for b in range(num_blocks):
+                x = block_cls(
+                    filters=ch(filters),
+                    strides=strides if b == 0 else 1,
+                    use_projection=b == 0,
+                    sk_ratio=self.sk_ratio,
+                    dtype=dtype,
+                    bn_momentum=self.bn_momentum,
+                    bn_epsilon=self.bn_epsilon,
+                    name=f"group{g}_block{b}",
+                )(x, train)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, D]

@@ -1,0 +1,96 @@
+"""Optimisers and learning-rate schedules (SimCLR conventions) built from a config.
+
+LARS excludes BatchNorm parameters and biases from weight decay and from trust-ratio scaling;
+the supervised head (online probe / fine-tuning head) gets weight decay but no trust ratio, as in
+SimCLRv2. Learning rates scale with the global batch ("linear": base*B/256, "sqrt": base*sqrt(B)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def scaled_learning_rate(base: float, batch_size: int, scaling: str) -> float:
+    """Peak learning rate for a global batch size (SimCLR's `learning_rate_scaling`)."""
+    if scaling == "linear":
+        return base * batch_size / 256.0
+    if scaling == "sqrt":
+        return base * math.sqrt(batch_size)
+    if scaling == "none":
+        return base
+    raise ValueError(f"config.optim.lr_scaling={scaling!r}: expected one of {LR_SCALINGS}")
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at total."""
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    if warmup_steps == 0:
+        return optax.cosine_decay_schedule(peak, max(total_steps, 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=0.0,
+    )
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def decay_mask(params: Any) -> Any:
+    """True for kernels (conv/dense weights): BN scale/bias and dense biases are excluded."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] == "kernel", params)
+
+
+def trust_ratio_mask(params: Any) -> Any:
+    """Like `decay_mask` but also excludes the supervised head (SimCLRv2)."""
+
+    def f(path, _):
+        names = _path_names(path)
+        return names[-1] == "kernel" and "supervised_head" not in names
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def make_optimizer(
+    optim: Mapping[str, Any], learning_rate: optax.Schedule
+) -> optax.GradientTransformation:
+    """The optimiser named by `optim.name` with the SimCLR parameter masks."""
+    name = optim["name"]
+    wd = float(optim.get("weight_decay", 0.0))
+    momentum = float(optim.get("momentum", 0.9))
+    if name == "lars":
+        return optax.lars(
+            learning_rate,
+            weight_decay=wd,
+            weight_decay_mask=decay_mask,
+            trust_coefficient=float(optim.get("trust_coefficient", 1e-3)),
+            eps=0.0,
+            trust_ratio_mask=trust_ratio_mask,
+            momentum=momentum,
+            nesterov=bool(optim.get("nesterov", False)),
+        )
+    if name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(wd, mask=decay_mask),
+            optax.sgd(
+                learning_rate, momentum=momentum, nesterov=bool(optim.get("nesterov", False))
+            ),
+        )
+    if name == "adam":
+        return optax.chain(
+            optax.add_decayed_weights(wd, mask=decay_mask), optax.adam(learning_rate)
+        )
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=wd, mask=decay_mask)
+    raise ValueError(f"config.optim.name={name!r}: expected one of {OPTIMIZERS}")

@@ -1,0 +1,143 @@
+"""PNG plots for the results report (matplotlib, object API on the Agg canvas, no pyplot).
+
+Using `matplotlib.figure.Figure` directly keeps no global figure state and never needs a
+display, so it is safe in headless jobs and in tests running in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_label_efficiency", "plot_roc_panels", "plot_shift_bars"]
+
+# (mean, std, n) of one metric over seeds.
+Stat = tuple[float, float, int]
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(os.fspath(path), dpi=110)
+
+
+def plot_label_efficiency(
+    path: str | os.PathLike,
+    series: Mapping[str, Sequence[tuple[float, Stat]]],
+    *,
+    title: str,
+    ylabel: str,
+) -> None:
+    """Metric vs label fraction (log x), one line per init, error bars = std over seeds.
+
+    series: init -> [(label_fraction, (mean, std, n)), ...].
+    """
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    fractions: set[float] = set()
+    for init, points in sorted(series.items()):
+        pts = sorted(points)
+        x = np.array([p[0] for p in pts])
+        mean = np.array([p[1][0] for p in pts])
+        std = np.array([p[1][1] for p in pts])
+        fractions.update(x.tolist())
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
+    ax.set_xscale("log")
+    ticks = sorted(fractions)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("label fraction (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="init", fontsize=8)
+    _save(fig, path)
+
+
+def plot_roc_panels(
+    path: str | os.PathLike,
+    panels: Sequence[tuple[str, Sequence[tuple[str, np.ndarray, np.ndarray, float]]]],
+    *,
+    title: str,
+) -> None:
+    """One subplot per panel (e.g. the best run of each init) with one ROC curve per class.
+
+    panels: [(panel_title, [(class_name, fpr, tpr, auc), ...]), ...]. With many classes the
+    legend is dropped and the panel title carries the mean AUC.
+    """
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.3 * cols, 4.3 * rows + 0.4), layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    for i, (panel_title, curves) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for name, fpr, tpr, auc in curves:
+            ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({auc:.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        mean_auc = float(np.mean([c[3] for c in curves])) if curves else float("nan")
+        ax.set_title(f"{panel_title}\nmean AUC {mean_auc:.3f}", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_aspect("equal")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        if 0 < len(curves) <= 12:
+            ax.legend(fontsize=6, loc="lower right", title="class (AUC)", title_fontsize=6)
+    _save(fig, path)
+
+
+def plot_shift_bars(
+    path: str | os.PathLike,
+    values: Mapping[tuple[str, float, str], Stat],
+    *,
+    splits: Sequence[str],
+    title: str,
+    ylabel: str,
+) -> None:
+    """Grouped bars: one group per label fraction, one bar per (init, split), std error bars.
+
+    values: (init, label_fraction, split) -> (mean, std, n); the first split is the
+    in-distribution one (solid), later ones are shifted (hatched).
+    """
+    inits = sorted({k[0] for k in values})
+    fractions = sorted({k[1] for k in values})
+    fig = Figure(figsize=(max(6.0, 1.6 * len(fractions) * len(inits)), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    n_bars = len(inits) * len(splits)
+    width = 0.8 / n_bars
+    colors = [f"C{i}" for i in range(len(inits))]
+    hatches = ["", "//", "xx", "..", "\\\\"]
+    for i, init in enumerate(inits):
+        for j, split in enumerate(splits):
+            offset = (i * len(splits) + j - (n_bars - 1) / 2) * width
+            xs, means, stds = [], [], []
+            for f_idx, frac in enumerate(fractions):
+                if (init, frac, split) in values:
+                    mean, std, _ = values[(init, frac, split)]
+                    xs.append(f_idx + offset)
+                    means.append(mean)
+                    stds.append(std)
+            ax.bar(
+                xs,
+                means,
+                width=width,
+                yerr=stds,
+                capsize=2,
+                color=colors[i],
+                hatch=hatches[j % len(hatches)],
+                edgecolor="black",
+                linewidth=0.5,
+                label=f"{init} / {split}",
+            )
+    ax.set_xticks(range(len(fractions)))
+    ax.set_xticklabels([f"{f:g}" for f in fractions])
+    ax.set_xlabel("label fraction")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncols=max(1, len(inits)))
+    _save(fig, path)

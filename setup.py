@@ -1,0 +1,30 @@
+"""medssl_jax: big self-supervised models (SimCLR, MICLe) for medical image classification in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="medssl_jax",
+    version="0.1.0",
+    description="SimCLR / MICLe pretraining and fine-tuning for medical imaging in JAX/Flax.",
+    packages=setuptools.find_packages(include=["medssl_jax", "medssl_jax.*", "data_builders", "data_builders.*"]),
+    package_data={"data_builders": ["*/dummy_data/**/*", "*/*.txt", "*/*.tsv"]},
+    include_package_data=True,
+    python_requires=">=3.10,<3.14",
+    install_requires=[
+        "jax[cpu]>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorflow-datasets>=4.9.7,<4.10",
+        "tensorboard>=2.18,<2.22",
+        "ml-collections>=1.0,<2",
+        "clu>=0.0.12,<0.1",
+        "numpy>=1.26,<3",
+        "pillow>=10",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6"],
+    },
+)
