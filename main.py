@@ -43,7 +43,8 @@ def main(argv):
                  jax.process_count(), jax.device_count())
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     logging.info("Done: %s", {k: results[k] for k in ("step", "stop_reason") if k in results})
-    print(f"Checkpoints: {results.get('checkpoint_dir')}\nResults: {FLAGS.workdir}/results.json")
+    ckpt = results.get("checkpoint_dir") or results.get("train", {}).get("checkpoint_dir")
+    print(f"Checkpoints: {ckpt}\nResults: {FLAGS.workdir}/results.json")
 
 
 if __name__ == "__main__":

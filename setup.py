@@ -22,6 +22,7 @@ setuptools.setup(
         "clu>=0.0.12,<0.1",
         "numpy>=1.26,<3",
         "pillow>=10",
+        "importlib_resources>=6",  # tensorflow-datasets imports it but does not declare it
         "matplotlib>=3.8",
     ],
     extras_require={

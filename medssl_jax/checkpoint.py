@@ -177,5 +177,21 @@ def _check_same(target: Any, source: Any, where: str) -> Any:
     return jax.tree.map(lambda t, s: np.asarray(s, dtype=np.asarray(t).dtype), target, source)
 
 
+def warm_start(state: Any, path: str, parts: tuple[str, ...], proj_layers: int | None = None):
+    """`state` (a TrainState) with `parts` of its params and batch_stats taken from the latest
+    checkpoint at `path`; step and optimiser untouched (they start fresh)."""
+    params, batch_stats, src_step = load_variables(path)
+    host_params = jax.device_get(state.params)
+    host_stats = jax.device_get(state.batch_stats)
+    new_params = merge_pretrained(host_params, params, parts, proj_layers=proj_layers)
+    new_stats = merge_pretrained(
+        host_stats, batch_stats, parts, proj_layers=proj_layers, what="batch_stats"
+    )
+    logging.info("Warm start from %s (step %d): restored %s", path, src_step, parts)
+    shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats))
+    params_out, stats_out = jax.device_put((new_params, new_stats), shardings)
+    return state.replace(params=params_out, batch_stats=stats_out)
+
+
 def exists(workdir: str) -> bool:
     return os.path.isdir(os.path.join(workdir, "checkpoints"))

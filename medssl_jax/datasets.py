@@ -31,7 +31,14 @@ Builders WITHOUT `read_transform` get the default: if the builder has a feature 
 `Sequence(ClassLabel)` the dataset is 'multiclass' with those class names, otherwise 'none'
 (label = -1 for every image); such builders accept no options (non-empty options -> ValueError).
 
+The builder class is found in the package namespace by its TFDS `name` (so a builder declared
+with `skip_registration=True` works), falling back to the TFDS registry. Names may carry a
+config: 'demo/small'.
+
 Splits: builders assign patients to splits with `medssl_jax.data_splits.patient_split`.
+Index: `load` makes one pass over the non-image features of a split (case ids, patient keys,
+image counts, first-image labels for stratified label fractions) and caches it in memory and as
+`<builder.data_dir>/medssl_index-<hash>.npz` (hash of split, options and the hook's source file).
 """
 
 from __future__ import annotations

@@ -62,6 +62,29 @@ def trust_ratio_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(f, params)
 
 
+def with_probe_head(
+    tx: optax.GradientTransformation,
+    learning_rate: optax.Schedule,
+    peak: float,
+    probe_learning_rate: float,
+    momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """Pretraining optimiser with the online probe head on its own momentum-SGD rate.
+
+    The probe sees stop_gradient features, so its step size is independent of the backbone's;
+    SimCLR's raw LARS rate (often > 1 with sqrt scaling) makes a linear head diverge. The probe
+    follows the same warm-up/cosine shape, rescaled to `probe_learning_rate` at its peak.
+    """
+    scale = probe_learning_rate / peak if peak > 0 else 0.0
+    probe = optax.sgd(lambda s: learning_rate(s) * scale, momentum=momentum, nesterov=True)
+
+    def labels(params: Any) -> Any:
+        return {k: jax.tree.map(lambda _, k=k: "probe" if k == "supervised_head" else "body", v)
+                for k, v in params.items()}
+
+    return optax.multi_transform({"body": tx, "probe": probe}, labels)
+
+
 def make_optimizer(
     optim: Mapping[str, Any], learning_rate: optax.Schedule
 ) -> optax.GradientTransformation:

@@ -123,6 +123,10 @@ def build(
     )
     lr = optim.learning_rate_schedule(peak, total_steps, warmup_steps)
     tx = optim.make_optimizer(config.optim, lr)
+    if probe:
+        tx = optim.with_probe_head(
+            tx, lr, peak, float(config.optim.get("probe_learning_rate", 0.1))
+        )
     size = int(config.data.image_size)
 
     def init(rng: jax.Array) -> TrainState:
@@ -161,7 +165,7 @@ def build(
     }
     if label_kind == "multilabel":
         for k in ("label", "label_mask"):
-            abstract_batch[k] = jax.ShapeDtypeStruct((b, num_classes), jnp.float32, data_sh)
+            abstract_batch[k] = jax.ShapeDtypeStruct((b, num_classes), jnp.float32, sharding=data_sh)
     else:
         abstract_batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)
     return Built(
@@ -172,25 +176,6 @@ def build(
         init=jax.jit(init, out_shardings=repl),
         abstract_state=abstract_state,
         abstract_batch=abstract_batch,
-    )
-
-
-def warm_start(state: TrainState, path: str, config: ml_collections.ConfigDict) -> TrainState:
-    """Initialise backbone (+ projection head) from an earlier stage's checkpoint; the optimiser
-    and step start fresh (MICLe after ImageNet/domain SimCLR)."""
-    params, batch_stats, src_step = ckpt_lib.load_variables(path)
-    parts = tuple(config.init_parts)
-    host_params = jax.device_get(state.params)
-    host_stats = jax.device_get(state.batch_stats)
-    new_params = ckpt_lib.merge_pretrained(host_params, params, parts, what="params")
-    new_stats = ckpt_lib.merge_pretrained(host_stats, batch_stats, parts, what="batch_stats")
-    logging.info("Warm start from %s (step %d): restored %s", path, src_step, parts)
-    repl = jax.tree.map(lambda x: x.sharding, state.params)
-    return state.replace(
-        params=jax.device_put(new_params, repl),
-        batch_stats=jax.device_put(
-            new_stats, jax.tree.map(lambda x: x.sharding, state.batch_stats)
-        ),
     )
 
 
@@ -233,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     state = built.init(jax.random.key(int(config.seed)))
     if config.get("init_checkpoint"):
-        state = warm_start(state, config.init_checkpoint, config)
+        state = ckpt_lib.warm_start(state, config.init_checkpoint, tuple(config.init_parts))
 
     patient_unique = micle and config.micle.same_patient == "exclude"
     schedule_holder = {}

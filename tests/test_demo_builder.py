@@ -89,6 +89,7 @@ def test_splits_are_patient_disjoint(built):
     assert len(case_ids) == len(set(case_ids))
 
 
+@pytest.mark.slow  # a second full build: ~15-30 s on 2 busy cores
 def test_two_builds_are_identical(built, tmp_path):
     _, data = built
     other = _build(str(tmp_path))

@@ -12,6 +12,7 @@ that order for checkpoint restorers (variable dicts themselves come back key-sor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -66,6 +67,44 @@ def fixed_padding(x: jax.Array, kernel_size: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (pad_beg, pad_end), (pad_beg, pad_end), (0, 0)))
 
 
+def im2col_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    *,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> jax.Array:
+    """VALID NHWC x HWIO convolution as one matmul of the kh*kw shifted slices (im2col).
+
+    Drop-in `conv_general_dilated` for nn.Conv on tiny feature maps: XLA swaps the operands of
+    a conv whose kernel exceeds its input (e.g. 3x3 on 2x2), and XLA:CPU then runs the swapped
+    conv (and its input gradient) ~100x slower than a normal one. Same numbers, same params.
+    """
+    del dimension_numbers  # flax passes NHWC/HWIO for 4-D inputs
+    if (
+        padding != "VALID"
+        or feature_group_count != 1
+        or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    ):
+        raise ValueError("im2col_conv supports only VALID, undilated, ungrouped convolutions")
+    kh, kw, cin, cout = rhs.shape
+    sh, sw = window_strides
+    ho = (lhs.shape[1] - kh) // sh + 1
+    wo = (lhs.shape[2] - kw) // sw + 1
+    cols = [
+        lhs[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(cols, axis=-1)  # [B, ho, wo, kh*kw*cin], HWI order
+    return jnp.dot(patches, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
 def conv_fixed_padding(
     x: jax.Array,
     features: int,
@@ -77,19 +116,25 @@ def conv_fixed_padding(
 ) -> jax.Array:
     """Bias-free conv: SAME when stride 1, else fixed padding + VALID (TF SimCLR semantics).
 
-    Must be called inside a compact method: the conv becomes a child of the calling module.
+    Convs whose output map is smaller than the kernel run as `im2col_conv` (explicit padding,
+    which equals SAME at stride 1). Must be called inside a compact method: the conv becomes
+    a child of the calling module.
     """
-    if strides > 1:
-        x = fixed_padding(x, kernel_size)
+    k = kernel_size
+    out_hw = [-(-d // strides) for d in x.shape[1:3]]  # same for SAME and fixed padding
+    small = k > 1 and min(out_hw) < k
+    if strides > 1 or small:
+        x = fixed_padding(x, k)  # at stride 1 this is exactly SAME padding
     return nn.Conv(
         features,
-        (kernel_size, kernel_size),
+        (k, k),
         strides=(strides, strides),
-        padding="SAME" if strides == 1 else "VALID",
+        padding="SAME" if strides == 1 and not small else "VALID",
         use_bias=False,
         kernel_init=conv_kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=im2col_conv if small else None,
         name=name,
     )(x)
 

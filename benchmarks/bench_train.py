@@ -1,0 +1,465 @@
+"""Benchmark the full pretraining step (`pretrain.build`): compile time, step time, images/sec.
+
+The step is exactly what `main.py` runs (SimCLR/MICLe forward+backward over both views, global
+NT-Xent, LARS update, sharded over a Mesh('data') of all visible devices; respects XLA_FLAGS),
+fed with synthetic batches, so no dataset is needed. Compilation (lower + compile on the
+abstract shapes) is timed separately from execution. With --pipeline, the input pipeline's
+augmented images/sec on the demo data is measured too (no training), and compared with the
+step's images/sec (ratio > 1: the input keeps up). Two views per example count as 2 images.
+
+  python benchmarks/bench_train.py --config=configs/simclr.py:demo --variant r50_1x_sk0 \
+      --image_size 64 --batch_size 32 --dtype float32 --steps 5 --warmup 1 --out r50.json
+  python benchmarks/bench_train.py --config=configs/micle.py:demo --variant tiny,r50_1x_sk0 \
+      --image_size 32,64 --pipeline                      # a sweep: every variant x size
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medssl_jax import config_lib, pretrain, sharding  # noqa: E402
+from medssl_jax.models import count_params, get_variant  # noqa: E402
+
+IMAGES_PER_EXAMPLE = 2  # two views per example
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:variants]` -> the file's get_config(variants), as main.py reads it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config: file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise SystemExit(f"--config: {path!r} has no get_config()")
+    try:
+        return module.get_config(arg or None)
+    except ValueError as e:
+        raise SystemExit(f"--config {spec!r}: {e}") from None
+
+
+def apply_override(config: ml_collections.ConfigDict, text: str) -> None:
+    """`a.b=value` (value as a Python literal, else a string) -> config.a.b = value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {text!r}: expected key=value, e.g. model.num_proj_layers=3")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    node = config
+    for part in key.split(".")[:-1]:
+        if part not in node:
+            raise SystemExit(f"--set {text!r}: config has no field {part!r}")
+        node = node[part]
+    last = key.split(".")[-1]
+    if last not in node:
+        raise SystemExit(f"--set {text!r}: config has no field {key!r}")
+    node[last] = value
+
+
+def _architecture(name: str) -> str:
+    """Accepts model variant names (r50_1x_sk0, tiny) and the configs' aliases (r50_1x)."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import common
+
+    name = common.ARCHITECTURES.get(name, name)
+    get_variant(name)  # raises ValueError naming the valid forms
+    return name
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; lists (a,b) of variants, sizes, batches, dtypes make a sweep."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/simclr.py:demo", help="config file[:variants]")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set loss.temperature=0.5 (repeatable)",
+    )
+    p.add_argument("--variant", default="", help="model variant(s); default: the config's")
+    p.add_argument("--image_size", type=_int_list, default=None, help="default: the config's")
+    p.add_argument("--batch_size", type=_int_list, default=None, help="global; default: config")
+    p.add_argument("--dtype", default="", help="float32|bfloat16 (list ok); default: config")
+    p.add_argument(
+        "--num_classes",
+        type=int,
+        default=0,
+        help="> 0: include the online linear probe with this many classes",
+    )
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also time the input pipeline (augmented images/s) on the config's data",
+    )
+    p.add_argument("--pipeline_batches", type=int, default=10, help="timed pipeline batches")
+    p.add_argument("--out", default="", help="write the results here as JSON")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.pipeline_batches < 1 or args.num_classes < 0:
+        p.error("--steps and --pipeline_batches must be >= 1, --warmup/--num_classes >= 0")
+    config = load_config(args.config)
+    for text in args.set:
+        apply_override(config, text)
+    try:
+        variants = [_architecture(v) for v in args.variant.split(",") if v.strip()]
+    except ValueError as e:
+        p.error(f"--variant: {e}")
+    dtypes = [d for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in config_lib.DTYPES]
+    if bad:
+        p.error(f"--dtype: {bad} not in {tuple(config_lib.DTYPES)}")
+    args.config_dict = config
+    args.variants = variants or [config.model.variant]
+    args.image_sizes = args.image_size or [int(config.data.image_size)]
+    args.batch_sizes = args.batch_size or [int(config.batch_size)]
+    args.dtypes = dtypes or [config.model.dtype]
+    return args
+
+
+def sweep_configs(args: argparse.Namespace) -> list[ml_collections.ConfigDict]:
+    """One config per (variant, image size, batch size, dtype), validated before any compile."""
+    mesh_size = jax.device_count()
+    out = []
+    for variant, size, batch, dtype in itertools.product(
+        args.variants, args.image_sizes, args.batch_sizes, args.dtypes
+    ):
+        c = ml_collections.ConfigDict(args.config_dict.to_dict())
+        c.model.variant, c.data.image_size, c.batch_size, c.model.dtype = (
+            variant,
+            size,
+            batch,
+            dtype,
+        )
+        if batch % mesh_size:
+            raise SystemExit(
+                f"--batch_size {batch} must be a multiple of the number of devices ({mesh_size}; "
+                f"set XLA_FLAGS=--xla_force_host_platform_device_count=N to change it on CPU)"
+            )
+        try:
+            config_lib.validate(c)
+        except config_lib.ConfigError as e:
+            raise SystemExit(f"invalid benchmark config: {e}") from None
+        out.append(c)
+    return out
+
+
+def synthetic_batch(abstract_batch: dict[str, jax.ShapeDtypeStruct], seed: int) -> dict:
+    """Random global arrays with the step's batch shapes and shardings (distinct patients)."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for k, a in abstract_batch.items():
+        if k == "views":
+            x = rng.uniform(size=a.shape).astype(a.dtype)
+        elif k == "patient_key":
+            x = np.arange(a.shape[0], dtype=a.dtype)
+        elif k == "label":
+            x = np.zeros(a.shape, a.dtype) if a.ndim > 1 else np.full(a.shape, -1, a.dtype)
+        elif k == "label_mask":
+            x = np.ones(a.shape, a.dtype)
+        else:  # 'distinct'
+            x = np.zeros(a.shape, a.dtype)
+        batch[k] = jax.device_put(x, a.sharding)
+    return batch
+
+
+def _host_rss_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_host_peak() -> bool:
+    """Resets this process's RSS high-water mark (Linux >= 4.0) so each sweep entry gets its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_rss_now() -> int:
+    rss = _host_rss_bytes("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _host_peak_bytes() -> int:
+    hwm = _host_rss_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _device_peak_bytes(devices: list[jax.Device]) -> list[int] | None:
+    """peak_bytes_in_use per device where the backend reports it (GPU/TPU), else None (CPU)."""
+    peaks = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if not stats or "peak_bytes_in_use" not in stats:
+            return None
+        peaks.append(int(stats["peak_bytes_in_use"]))
+    return peaks
+
+
+def _flops(compiled: Any) -> float:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return 0.0
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+    """Builds, compiles (timed apart) and times the pretraining step of `config`."""
+    mesh = sharding.make_mesh()
+    devices = list(mesh.devices.flat)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    label_kind = "multiclass" if args.num_classes > 0 else "none"
+    total = int(config.num_steps) if int(config.num_steps) > 0 else 100_000
+    warmup_steps = min(max(int(config.optim.warmup_steps), 0), total)
+    rss0 = _host_rss_now()
+    _reset_host_peak()
+
+    built = pretrain.build(
+        config,
+        mesh,
+        num_classes=args.num_classes,
+        label_kind=label_kind,
+        total_steps=total,
+        warmup_steps=warmup_steps,
+    )
+    t0 = time.perf_counter()
+    lowered = built.step.lower(built.abstract_state, built.abstract_batch)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    compile_host_peak = max(_host_peak_bytes() - rss0, 0)
+    # Execution memory apart from the compiler's: restart the high-water mark from here.
+    rss0 = _host_rss_now()
+    can_reset = _reset_host_peak()
+
+    # RBG keys: threefry initialisers compile slowly on XLA:CPU; the values do not matter here.
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(built.init(jax.random.key(int(config.seed), impl="rbg")))
+    init_s = time.perf_counter() - t0
+    params = count_params(state.params)
+    backbone_params = count_params(state.params.get("backbone", {}))
+    batch = synthetic_batch(built.abstract_batch, int(config.seed))
+
+    for _ in range(args.warmup):
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+    times, cpu_times = [], []
+    for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    loss = float(jax.device_get(metrics["loss"]))
+    if not np.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss} for {config.model.variant}")
+
+    dev_peaks = _device_peak_bytes(local)
+    if dev_peaks is not None:
+        peak, source = max(dev_peaks), "device peak_bytes_in_use (max over local devices)"
+    else:
+        peak = max(_host_peak_bytes() - rss0, 0)
+        source = "host RSS high-water mark increase over init+steps" + (
+            "" if can_reset else " (peak not resettable: includes earlier work)"
+        )
+    median = float(np.median(times))
+    global_batch = int(config.batch_size)
+    images_per_s = global_batch * IMAGES_PER_EXAMPLE / median
+    flops = _flops(compiled)
+    del state, batch, compiled, lowered
+    return dict(
+        method=config.method,
+        variant=config.model.variant,
+        image_size=int(config.data.image_size),
+        batch_size=global_batch,
+        dtype=config.model.dtype,
+        num_devices=len(devices),
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        params=params,
+        backbone_params=backbone_params,
+        linear_probe_classes=args.num_classes,
+        lower_s=lower_s,
+        compile_s=compile_s,
+        compile_total_s=lower_s + compile_s,
+        init_s=init_s,
+        steps=args.steps,
+        warmup=args.warmup,
+        step_s_median=median,
+        step_s_min=float(np.min(times)),
+        step_s_all=[float(t) for t in times],
+        # Host CPU seconds of this process per step (all threads): on a shared CPU host,
+        # cpu / cores approximates the step time the host would give with no other load.
+        step_cpu_s_median=float(np.median(cpu_times)),
+        images_per_s=images_per_s,
+        images_per_s_per_device=images_per_s / len(devices),
+        step_gflop=flops / 1e9,
+        achieved_gflop_s=flops / 1e9 / median,
+        peak_memory_bytes=int(peak),
+        peak_memory_source=source,
+        compile_host_memory_bytes=int(compile_host_peak),
+        final_loss=loss,
+    )
+
+
+def bench_pipeline(config: ml_collections.ConfigDict, store: Any, batches: int) -> dict[str, float]:
+    """Augmented images/s of `input_pipeline.pretrain_dataset` on `store` (no training)."""
+    from medssl_jax import input_pipeline
+
+    micle = config.method == "micle"
+    ds, _ = input_pipeline.pretrain_dataset(
+        store,
+        batch_size=int(config.batch_size) // jax.process_count(),
+        image_size=int(config.data.image_size),
+        aug=config_lib.augment_kwargs(config),
+        seed=int(config.seed),
+        multi_instance=micle,
+        patient_unique=micle and config.micle.same_patient == "exclude",
+    )
+    it = ds.as_numpy_iterator()
+    for _ in range(2):  # tracing, thread pool start-up, autotuning
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        n += next(it)["views"].shape[0] * IMAGES_PER_EXAMPLE
+    seconds = time.perf_counter() - t0
+    return dict(pipeline_images_per_s=n / seconds, pipeline_batches=batches)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Benchmarks every sweep entry; returns {'environment': ..., 'results': [...]}."""
+    configs = sweep_configs(args)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work?
+    store = None
+    if args.pipeline:
+        from medssl_jax import input_pipeline
+
+        data = args.config_dict.data
+        store = input_pipeline.load_store(
+            data,
+            data.split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    results = []
+    for c in configs:
+        res = bench_step(c, args)
+        if store is not None:
+            res.update(bench_pipeline(c, store, args.pipeline_batches))
+            res["pipeline_dataset"] = f"{store.spec.name}/{store.spec.split}"
+            res["pipeline_to_train_ratio"] = res["pipeline_images_per_s"] / res["images_per_s"]
+        results.append(res)
+    environment = dict(
+        config=args.config,
+        overrides=list(args.set),
+        jax_version=jax.__version__,
+        backend=jax.default_backend(),
+        num_processes=jax.process_count(),
+        cpu_count=os.cpu_count(),
+        load_average_1m=load_before,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        compilation_cache_dir=jax.config.jax_compilation_cache_dir,
+        machine=platform.machine(),
+    )
+    return {"environment": environment, "results": results}
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    """One row per sweep entry."""
+    cols = [
+        ("variant", lambda r: r["variant"]),
+        ("px", lambda r: str(r["image_size"])),
+        ("batch", lambda r: str(r["batch_size"])),
+        ("dtype", lambda r: r["dtype"]),
+        ("dev", lambda r: str(r["num_devices"])),
+        ("params", lambda r: f"{r['params'] / 1e6:.2f}M"),
+        ("compile s", lambda r: f"{r['compile_total_s']:.1f}"),
+        ("step s", lambda r: f"{r['step_s_median']:.3f}"),
+        ("img/s", lambda r: f"{r['images_per_s']:.1f}"),
+        ("img/s/dev", lambda r: f"{r['images_per_s_per_device']:.1f}"),
+        ("peak MiB", lambda r: f"{r['peak_memory_bytes'] / 2**20:.0f}"),
+        (
+            "pipe img/s",
+            lambda r: f"{r['pipeline_images_per_s']:.0f}" if "pipeline_images_per_s" in r else "-",
+        ),
+        (
+            "pipe/train",
+            lambda r: (
+                f"{r['pipeline_to_train_ratio']:.2f}" if "pipeline_to_train_ratio" in r else "-"
+            ),
+        ),
+    ]
+    rows = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    for j, row in enumerate(rows):
+        print(
+            "  ".join(
+                v.rjust(w) if i else v.ljust(w)
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    if results:
+        print(f"(images = 2 views x batch; peak memory: {results[0]['peak_memory_source']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses `argv`, benchmarks, prints a table and writes --out; returns the exit code."""
+    args = parse_args(argv)
+    report = run(args)
+    print_table(report["results"])
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Supervised fine-tuning and linear evaluation from a pretraining checkpoint (or from scratch).
+
+Multi-class (softmax CE, e.g. 27-way derm) and multi-label (masked sigmoid CE, e.g. CheXpert's 5
+conditions). Linear evaluation freezes the backbone (stop_gradient, BatchNorm in inference mode,
+optimiser updates masked to the head). The best checkpoint on the validation split is kept and
+evaluated, without further tuning, on every split in `config.eval_splits`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from clu import metric_writers
+
+from medssl_jax import checkpoint as ckpt_lib
+from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, sharding
+from medssl_jax.pretrain import Built
+from medssl_jax.train import TrainState, fit
+
+HEAD = "supervised_head"
+
+
+def head_only_mask(params: Any) -> Any:
+    """'train' for the supervised head, 'freeze' for everything else (linear evaluation)."""
+    return {k: jax.tree.map(lambda _, k=k: "train" if k == HEAD else "freeze", v)
+            for k, v in params.items()}
+
+
+def make_train_step(model, tx, lr_schedule, *, label_kind: str) -> Callable:
+    """Pure (state, batch) -> (state, metrics) for supervised training."""
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            out, mutated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["image"],
+                train=True,
+                mutable=["batch_stats"],
+            )
+            m = {}
+            if label_kind == "multilabel":
+                loss = losses.masked_sigmoid_ce(out["logits"], batch["label"], batch["label_mask"])
+            else:
+                loss, m["accuracy"] = losses.masked_softmax_ce(out["logits"], batch["label"])
+            return loss, (mutated["batch_stats"], m)
+
+        (loss, (batch_stats, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        m.update(loss=loss, learning_rate=lr_schedule(state.step))
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new, m
+
+    return step
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_classes: int,
+    label_kind: str,
+    total_steps: int,
+    warmup_steps: int,
+) -> tuple[Built, Callable]:
+    """(train Built, jitted eval step) for `config` on `mesh`."""
+    if label_kind not in ("multiclass", "multilabel"):
+        raise ValueError(
+            f"config.data.name={config.data.name!r} has label_kind {label_kind!r}: fine-tuning "
+            "needs labels (multiclass or multilabel)"
+        )
+    linear = config.method == "linear_eval"
+    model = config_lib.model_from_config(
+        config, num_classes=num_classes, freeze_backbone=linear
+    )
+    peak = optim.scaled_learning_rate(
+        config.optim.base_learning_rate, config.batch_size, config.optim.lr_scaling
+    )
+    lr = optim.learning_rate_schedule(peak, total_steps, warmup_steps)
+    tx = optim.make_optimizer(config.optim, lr)
+    if linear:
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, head_only_mask)
+    size = int(config.data.image_size)
+
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+        )
+
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    step = make_train_step(model, tx, lr, label_kind=label_kind)
+    jitted = jax.jit(step, in_shardings=(repl, data_sh), out_shardings=(repl, repl),
+                     donate_argnums=(0,))
+
+    def eval_step(params, batch_stats, batch):
+        out = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                          train=False)
+        return {k: v for k, v in batch.items() if k != "image"} | {"logits": out["logits"]}
+
+    eval_jit = jax.jit(eval_step, in_shardings=(repl, repl, data_sh), out_shardings=repl)
+    b = int(config.batch_size)
+    abstract_batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data_sh)}
+    if label_kind == "multilabel":
+        for k in ("label", "label_mask"):
+            abstract_batch[k] = jax.ShapeDtypeStruct((b, num_classes), jnp.float32, sharding=data_sh)
+    else:
+        abstract_batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)
+    built = Built(
+        model=model, tx=tx, lr_schedule=lr, step=jitted, init=jax.jit(init, out_shardings=repl),
+        abstract_state=sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl),
+        abstract_batch=abstract_batch,
+    )
+    return built, eval_jit
+
+
+def predict(
+    eval_step: Callable,
+    params: Any,
+    batch_stats: Any,
+    store: input_pipeline.CaseStore,
+    mesh: jax.sharding.Mesh,
+    *,
+    local_batch: int,
+    image_size: int,
+) -> dict[str, np.ndarray]:
+    """Logits for every image of the (global) split, plus this process's own rows.
+
+    All processes run the same number of eval steps (shorter shards are padded), as the
+    collectives require. Returns global 'logits', 'label', ('label_mask') of valid rows, and
+    'local_logits' + 'local_index' (into store.flat_index()) for this process's CSV.
+    """
+    n_local = store.num_images
+    n_batches = -(-n_local // local_batch)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        n_batches = int(np.max(multihost_utils.process_allgather(np.asarray(n_batches))))
+    it = input_pipeline.eval_batches(store, batch_size=local_batch, image_size=image_size)
+    pad = None
+    out: dict[str, list] = {}
+    local_logits, local_index = [], []
+    pid = jax.process_index()
+    for _ in range(n_batches):
+        batch = next(it, None)
+        if batch is None:  # this process ran out: feed an all-invalid batch
+            pad = pad or {k: np.zeros_like(v) for k, v in last.items()}
+            batch = pad
+        last = batch
+        res = jax.device_get(eval_step(params, batch_stats, sharding.to_global(batch, mesh)))
+        valid = res["valid"] > 0
+        for k in ("logits", "label", "label_mask"):
+            if k in res:
+                out.setdefault(k, []).append(res[k][valid])
+        rows = slice(pid * local_batch, (pid + 1) * local_batch)
+        mine = res["valid"][rows] > 0
+        local_logits.append(res["logits"][rows][mine])
+        local_index.append(res["index"][rows][mine])
+    result = {k: np.concatenate(v) for k, v in out.items()}
+    result["local_logits"] = np.concatenate(local_logits)
+    result["local_index"] = np.concatenate(local_index)
+    return result
+
+
+def split_metrics(pred: dict[str, np.ndarray], spec, *, graded: bool) -> dict[str, float]:
+    if spec.label_kind == "multilabel":
+        return metrics.sigmoid_metrics(
+            pred["logits"], pred["label"], pred["label_mask"], class_names=spec.class_names
+        )
+    return metrics.softmax_metrics(
+        pred["logits"], pred["label"], graded=graded, class_names=spec.class_names
+    )
+
+
+def _write_predictions(path: str, pred: dict, store: input_pipeline.CaseStore) -> None:
+    flat = store.flat_index()[pred["local_index"]]
+    logits = pred["local_logits"]
+    multilabel = store.spec.label_kind == "multilabel"
+    scores = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)
+    labels = np.stack([store.labels[c][i] for c, i in flat]) if len(flat) else np.zeros(0)
+    mask = (
+        np.stack([store.label_masks[c][i] for c, i in flat]) if multilabel and len(flat) else None
+    )
+    metrics.write_predictions_csv(
+        path,
+        case_ids=[store.case_ids[c] for c, _ in flat],
+        image_ids=[store.image_ids[c][i] for c, i in flat],
+        labels=labels,
+        scores=np.asarray(scores, np.float64),
+        class_names=list(store.spec.class_names),
+        label_mask=mask,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fine-tunes (or linear-evaluates) per `config`; writes checkpoints, predictions and
+    `results.json` (schema: medssl_jax.report)."""
+    from medssl_jax import report
+
+    config_lib.validate(config)
+    mesh = sharding.make_mesh()
+    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_store = input_pipeline.load_store(
+        config.data, config.data.split, label_fraction=float(config.data.label_fraction),
+        process_index=pidx, process_count=pcount,
+    )
+    eval_splits = list(config.eval_splits)
+    val_split = config.get("val_split", "")
+    if val_split and val_split not in eval_splits:
+        eval_splits.insert(0, val_split)
+    eval_stores = {
+        s: input_pipeline.load_store(config.data, s, process_index=pidx, process_count=pcount)
+        for s in eval_splits
+    }  # all read (and validated) before anything is compiled
+    spec = train_store.spec
+    total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
+    logging.info(
+        "%s on %s: %d labelled images (fraction %.3g), eval on %s; %d steps",
+        config.method, spec.name, spec.num_images, config.data.label_fraction, eval_splits,
+        total_steps,
+    )
+    built, eval_step = build(
+        config, mesh, num_classes=spec.num_classes, label_kind=spec.label_kind,
+        total_steps=total_steps, warmup_steps=warmup_steps,
+    )
+    state = built.init(jax.random.key(int(config.seed)))
+    if config.init_checkpoint:
+        state = ckpt_lib.warm_start(
+            state, config.init_checkpoint, ("backbone", "projection_head"),
+            proj_layers=int(config.model.ft_proj_selector),
+        )
+    size = int(config.data.image_size)
+    graded = bool(config.get("graded", False))
+    best = _BestKeeper(workdir, val_split, spec.label_kind) if val_split else None
+    eval_writer = metric_writers.create_default_writer(
+        workdir, just_logging=pidx > 0, collection="eval"
+    )
+
+    def evaluate(split: str, params, batch_stats) -> tuple[dict, dict]:
+        pred = predict(eval_step, params, batch_stats, eval_stores[split], mesh,
+                       local_batch=local_batch, image_size=size)
+        return split_metrics(pred, eval_stores[split].spec, graded=graded), pred
+
+    def after_step(step: int, st: TrainState) -> None:
+        if best is None or (step % int(config.eval_every_steps) and step != total_steps):
+            return
+        m, _ = evaluate(val_split, st.params, st.batch_stats)
+        eval_writer.write_scalars(step, {f"{val_split}/{k}": v for k, v in m.items()})
+        best.offer(step, m, st)
+
+    def make_batches(start_step: int):
+        ds, _ = input_pipeline.finetune_dataset(
+            train_store, batch_size=local_batch, image_size=size,
+            aug=dict(config.augment), seed=int(config.seed), start_step=start_step,
+            process_index=pidx,
+        )
+        return ds.as_numpy_iterator()
+
+    keys = ("image", "label") + (("label_mask",) if spec.label_kind == "multilabel" else ())
+    state, summary = fit(
+        config=config, workdir=workdir, mesh=mesh, state=state, train_step=built.step,
+        make_batches=make_batches, batch_keys=keys, total_steps=total_steps,
+        global_batch_size=int(config.batch_size), images_per_example=1,
+        restore_abstract=built.abstract_state,
+        meta={"method": config.method, "config": config.to_dict()}, after_step=after_step,
+    )
+    params, batch_stats, chosen = state.params, state.batch_stats, summary["step"]
+    if best is not None and best.step is not None:
+        params, batch_stats = best.restore(state)
+        chosen = best.step
+    split_results, predictions = {}, {}
+    for split in eval_splits:
+        m, pred = evaluate(split, params, batch_stats)
+        split_results[split] = m
+        name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
+        _write_predictions(os.path.join(workdir, name), pred, eval_stores[split])
+        if pcount == 1:
+            predictions[split] = name
+        logging.info("%s: %s", split, {k: round(v, 4) for k, v in m.items() if "/" not in k})
+    eval_writer.flush()
+    results = {
+        "kind": config.method,
+        "name": config.get("name") or os.path.basename(os.path.normpath(workdir)),
+        "dataset": spec.name,
+        "label_kind": spec.label_kind,
+        "init": config.init_name,
+        "label_fraction": float(config.data.label_fraction),
+        "seed": int(config.seed),
+        "step": int(chosen),
+        "class_names": list(spec.class_names),
+        "splits": split_results,
+        "predictions": predictions,
+        "train": summary,
+        "selected_on": val_split or "last step",
+    }
+    if pidx == 0:
+        report.write_results(workdir, results)
+    logging.info("Results: %s/results.json", workdir)
+    return results
+
+
+class _BestKeeper:
+    """Keeps the parameters of the best validation step in `workdir/best` (survives resumes)."""
+
+    def __init__(self, workdir: str, split: str, label_kind: str):
+        self.metric = "auc_mean" if label_kind == "multilabel" else "top1"
+        self.split = split
+        self.manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "best"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        )
+        self.step = self.manager.latest_step()
+        self.value = -np.inf
+        if self.step is not None:
+            meta = self.manager.restore(
+                self.step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            ).meta
+            self.value = float(meta["value"])
+
+    def offer(self, step: int, m: dict[str, float], state: TrainState) -> None:
+        value = float(m.get(self.metric, np.nan))
+        if not np.isfinite(value) or value <= self.value:
+            return
+        self.value, self.step = value, step
+        self.manager.save(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardSave({"params": state.params,
+                                             "batch_stats": state.batch_stats}),
+            meta=ocp.args.JsonSave({"value": value, "metric": self.metric, "split": self.split}),
+        ), force=True)
+        self.manager.wait_until_finished()
+        logging.info("New best %s/%s = %.4f at step %d", self.split, self.metric, value, step)
+
+    def restore(self, state: TrainState) -> tuple[Any, Any]:
+        abstract = jax.tree.map(
+            ocp.utils.to_shape_dtype_struct, {"params": state.params,
+                                              "batch_stats": state.batch_stats}
+        )
+        v = self.manager.restore(
+            self.step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract))
+        ).variables
+        return v["params"], v["batch_stats"]

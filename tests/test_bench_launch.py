@@ -1,0 +1,243 @@
+"""The training benchmark (benchmarks/bench_train.py) and the launchers in launch/."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from medssl_jax.models import abstract_variables, count_params, create_model
+from tests.utils import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train  # noqa: E402
+
+LAUNCH = ROOT / "launch"
+TINY_ARGS = [
+    "--config",
+    str(ROOT / "configs/simclr.py") + ":demo",
+    "--variant",
+    "tiny",
+    "--image_size",
+    "32",
+    "--batch_size",
+    "16",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory, tfds_data_dir):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    argv = TINY_ARGS + [
+        "--pipeline",
+        "--pipeline_batches",
+        "2",
+        "--set",
+        f"data.data_dir={tfds_data_dir}",
+        "--out",
+        str(out),
+    ]
+    assert bench_train.main(argv) == 0
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_bench_train_json_has_positive_measurements(bench_report):
+    assert len(jax.devices()) == 8
+    env = bench_report["environment"]
+    assert env["backend"] == "cpu" and env["jax_version"] == jax.__version__
+    (r,) = bench_report["results"]
+    assert (r["variant"], r["image_size"], r["batch_size"], r["dtype"], r["num_devices"]) == (
+        "r18_0.125x_sk0",
+        32,
+        16,
+        "float32",
+        8,
+    )
+    for k in (
+        "lower_s",
+        "compile_s",
+        "step_s_median",
+        "images_per_s",
+        "images_per_s_per_device",
+        "pipeline_images_per_s",
+        "pipeline_to_train_ratio",
+    ):
+        assert r[k] > 0, k
+    assert r["peak_memory_bytes"] >= 0 and r["peak_memory_source"]
+    assert len(r["step_s_all"]) == 2 and min(r["step_s_all"]) == pytest.approx(r["step_s_min"])
+    # Two views per example, over all 8 devices.
+    assert r["images_per_s"] == pytest.approx(2 * 16 / r["step_s_median"])
+    assert r["images_per_s_per_device"] == pytest.approx(r["images_per_s"] / 8)
+    assert r["pipeline_to_train_ratio"] == pytest.approx(
+        r["pipeline_images_per_s"] / r["images_per_s"]
+    )
+    # Parameter count of the trained state = the model's (demo has no probe by default).
+    model = create_model("r18_0.125x_sk0", num_proj_layers=2)
+    assert r["params"] == count_params(abstract_variables(model, 32)["params"])
+    assert 0 < r["backbone_params"] < r["params"]
+    assert r["final_loss"] > 0
+
+
+def test_bench_train_sweep_expands_and_resolves_aliases():
+    args = bench_train.parse_args(
+        [
+            "--config",
+            str(ROOT / "configs/micle.py") + ":demo",
+            "--variant",
+            "tiny,r50_1x",
+            "--image_size",
+            "32,64",
+            "--batch_size",
+            "16",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    configs = bench_train.sweep_configs(args)
+    got = [(c.model.variant, c.data.image_size, c.batch_size, c.model.dtype) for c in configs]
+    assert got == [
+        ("r18_0.125x_sk0", 32, 16, "bfloat16"),
+        ("r18_0.125x_sk0", 64, 16, "bfloat16"),
+        ("r50_1x_sk0", 32, 16, "bfloat16"),
+        ("r50_1x_sk0", 64, 16, "bfloat16"),
+    ]
+    assert all(c.method == "micle" for c in configs)
+
+
+def test_bench_train_rejects_batch_not_divisible_by_devices(capsys):
+    with pytest.raises(SystemExit, match=r"--batch_size 12 must be a multiple .*devices \(8"):
+        bench_train.main(TINY_ARGS[:-6] + ["--batch_size", "12"])
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--variant", "r51_1x_sk0"])
+    assert "--variant" in capsys.readouterr().err
+
+
+def test_colab_notebook_is_valid_nbformat4():
+    with open(LAUNCH / "colab.ipynb") as f:
+        nb = json.load(f)
+    assert nb["nbformat"] == 4 and nb["nbformat_minor"] >= 4
+    assert nb["metadata"]["kernelspec"]["language"] == "python"
+    ids = set()
+    for cell in nb["cells"]:
+        assert cell["cell_type"] in ("markdown", "code")
+        assert isinstance(cell["metadata"], dict) and isinstance(cell["source"], list)
+        ids.add(cell["id"])
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+            compile("".join(cell["source"]), "cell", "exec")  # valid Python
+    assert len(ids) == len(nb["cells"])
+    code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    for needle in (
+        "configs/micle.py:demo",
+        "configs/finetune.py:demo",
+        "stop_after_steps",
+        "medssl_jax.report",
+        "pip",
+    ):
+        assert needle in code, needle
+
+
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm_gpu.sbatch"])
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
+
+
+def _tpu(*args):
+    return subprocess.run(
+        ["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_tpu_vm_dry_run_prints_the_training_command():
+    config, workdir = "configs/micle.py:r50_1x,chexpert", "gs://bucket/runs/micle_cxr"
+    p = _tpu(
+        "--dry-run",
+        "my-tpu",
+        "us-central2-b",
+        "v4-32",
+        config,
+        workdir,
+        "--",
+        "--config.batch_size=1024",
+    )
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert any(
+        ln.startswith("gcloud compute tpus tpu-vm create my-tpu")
+        and "--accelerator-type=v4-32" in ln
+        for ln in lines
+    )
+    train = [ln for ln in lines if "main.py --config=" in ln]
+    assert len(train) == 1
+    assert f"main.py --config={config} --workdir={workdir} --config.batch_size=1024" in train[0]
+    assert "--worker=all" in train[0]
+    assert any("pip install" in ln and "jax[tpu]" in ln and "--worker=all" in ln for ln in lines)
+
+
+def test_tpu_vm_rejects_bad_arguments():
+    p = _tpu("--dry-run", "my-tpu", "zone", "v4-8", "configs/simclr.py:demo", "/local/dir")
+    assert p.returncode == 2 and "gs://" in p.stderr
+    p = _tpu("--dry-run", "my-tpu", "zone", "v4-8", "configs/nope.py", "gs://b/w")
+    assert p.returncode == 2 and "configs/nope.py" in p.stderr
+    p = _tpu("--dry-run", "my-tpu", "zone")
+    assert p.returncode == 2 and "expected NAME ZONE" in p.stderr
+
+
+@pytest.mark.parametrize("reason,requeued", [("preempted", True), ("completed", False)])
+def test_slurm_script_requeues_only_after_preemption(tmp_path, reason, requeued):
+    """Fake srun/scontrol: srun writes results.json with `reason`; requeue iff preempted."""
+    bin_dir, submit = tmp_path / "bin", tmp_path / "repo"
+    bin_dir.mkdir()
+    (submit / "configs").mkdir(parents=True)
+    (submit / "main.py").write_text("")
+    (submit / "configs/micle.py").write_text("")
+    os.symlink(sys.executable, bin_dir / "python")
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\necho "$@" > "$FAKE_LOG/srun_args"\n'
+        'for a in "$@"; do case $a in --workdir=*) w=${a#--workdir=};; esac; done\n'
+        'echo \'{"stop_reason": "\'$FAKE_REASON\'"}\' > "$w/results.json"\n'
+    )
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "$@" > "$FAKE_LOG/scontrol"\n')
+    for f in ("srun", "scontrol"):
+        (bin_dir / f).chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_SUBMIT_DIR=str(submit),
+        SLURM_JOB_ID="4242",
+        VENV=str(tmp_path / "no_venv"),
+        FAKE_LOG=str(tmp_path),
+        FAKE_REASON=reason,
+    )
+    workdir = tmp_path / "run"
+    p = subprocess.run(
+        [
+            "bash",
+            str(LAUNCH / "slurm_gpu.sbatch"),
+            "configs/micle.py:demo",
+            str(workdir),
+            "--config.batch_size=64",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 0, p.stderr
+    srun = (tmp_path / "srun_args").read_text()
+    assert re.search(
+        rf"python main.py --config=configs/micle.py:demo --workdir={workdir} "
+        r"--config.batch_size=64",
+        srun,
+    )
+    assert (tmp_path / "scontrol").exists() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]

@@ -1,0 +1,127 @@
+"""Fine-tuning and linear evaluation: frozen backbone, warm start, results and predictions."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from medssl_jax import checkpoint, finetune, sharding, train
+from tests.utils import ROOT  # noqa: F401  (puts configs/ on sys.path)
+
+
+def _config(method="linear_eval", **kw):
+    import common
+
+    c = common.supervised_config(method)
+    common.finetune_demo(c)
+    c.num_steps = 4
+    c.eval_every_steps = 2
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.batch_size = 32
+    c.async_checkpointing = False
+    c.eval_splits = ("validation", "test_shifted")
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_linear_eval_freezes_backbone_bit_identically():
+    c = _config("linear_eval")
+    mesh = sharding.make_mesh()
+    built, _ = finetune.build(c, mesh, num_classes=4, label_kind="multiclass", total_steps=5,
+                              warmup_steps=0)
+    state = built.init(jax.random.key(0))
+    before = jax.device_get(state)
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        batch = {"image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
+                 "label": rng.integers(0, 4, 32).astype(np.int32)}
+        state, m = built.step(state, sharding.to_global(batch, mesh))
+    after = jax.device_get(state)
+    for part in ("backbone", "projection_head"):
+        jax.tree.map(np.testing.assert_array_equal, before.params[part], after.params[part])
+    jax.tree.map(np.testing.assert_array_equal, before.batch_stats, after.batch_stats)
+    head_changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b),
+        before.params["supervised_head"], after.params["supervised_head"],
+    )
+    assert all(jax.tree.leaves(head_changed))
+
+
+def test_full_finetune_updates_backbone_and_batch_stats():
+    c = _config("finetune")
+    mesh = sharding.make_mesh()
+    built, _ = finetune.build(c, mesh, num_classes=3, label_kind="multilabel", total_steps=5,
+                              warmup_steps=0)
+    state = built.init(jax.random.key(0))
+    before = jax.device_get(state)
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
+             "label": (rng.uniform(size=(32, 3)) < 0.3).astype(np.float32),
+             "label_mask": (rng.uniform(size=(32, 3)) < 0.8).astype(np.float32)}
+    state, m = built.step(state, sharding.to_global(batch, mesh))
+    assert np.isfinite(float(m["loss"]))
+    after = jax.device_get(state)
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), before.params["backbone"], after.params["backbone"]
+    )
+    assert np.mean(jax.tree.leaves(changed)) > 0.5
+    assert not np.array_equal(jax.tree.leaves(before.batch_stats)[0],
+                              jax.tree.leaves(after.batch_stats)[0])
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory, tfds_data_dir):
+    """A 4-step SimCLR run on the demo data (a real checkpoint to warm-start from)."""
+    from tests.utils import tiny_pretrain_config
+
+    c = tiny_pretrain_config(num_steps=4, checkpoint_every_steps=4)
+    c.data.data_dir = tfds_data_dir
+    d = tmp_path_factory.mktemp("pretrain")
+    train.train_and_evaluate(c, str(d))
+    return str(d)
+
+
+@pytest.mark.slow
+def test_end_to_end_linear_eval_from_checkpoint(tmp_path, pretrained_dir, tfds_data_dir):
+    c = _config("linear_eval", init_checkpoint=pretrained_dir, init_name="simclr")
+    c.data.data_dir = tfds_data_dir
+    c.data.label_fraction = 0.5
+    res = train.train_and_evaluate(c, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["init"] == "simclr" and saved["label_fraction"] == 0.5
+    assert set(saved["splits"]) == {"validation", "test_shifted"}
+    for split, m in saved["splits"].items():
+        assert 0 <= m["top1"] <= 1 and 0 <= m["auc_mean"] <= 1
+        assert (tmp_path / saved["predictions"][split]).exists()
+    # The warm start really loaded the pretrained backbone (and linear eval kept it).
+    src, _, _ = checkpoint.load_variables(pretrained_dir)
+    got, _, _ = checkpoint.load_variables(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, src["backbone"], got["backbone"])
+    # Predictions CSV rows = validation images, scores are probabilities.
+    from medssl_jax import metrics
+
+    pred = metrics.read_predictions_csv(tmp_path / saved["predictions"]["validation"])
+    assert len(pred.case_ids) == saved["splits"]["validation"]["num_examples"]
+    np.testing.assert_allclose(pred.scores.sum(1), 1.0, atol=1e-5)
+    assert res["selected_on"] == "validation"
+
+
+def test_warm_start_rejects_mismatched_architecture(tmp_path, pretrained_dir):
+    c = _config("finetune")
+    c.model.variant = "r18_0.25x_sk0"  # wider than the checkpoint
+    mesh = sharding.make_mesh()
+    built, _ = finetune.build(c, mesh, num_classes=3, label_kind="multiclass", total_steps=2,
+                              warmup_steps=0)
+    state = built.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="shape"):
+        checkpoint.warm_start(state, pretrained_dir, ("backbone",))
+
+
+def test_unlabeled_dataset_cannot_be_finetuned():
+    c = _config("finetune")
+    with pytest.raises(ValueError, match="needs labels"):
+        finetune.build(c, sharding.make_mesh(), num_classes=0, label_kind="none",
+                       total_steps=2, warmup_steps=0)
