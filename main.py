@@ -1,6 +1,7 @@
 """Entry point: `python main.py --config=configs/micle.py:demo --workdir=DIR`."""
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,9 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _quiet_libraries() -> None:
     """Orbax logs every checkpoint phase at INFO; keep its warnings (>= 30), drop the chatter."""
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname
-    )
+    logging.get_absl_handler().addFilter(lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
 
 
 def main(argv):
@@ -39,9 +38,19 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX
     from medssl_jax import train
 
-    logging.info("JAX %s: process %d/%d, %d devices", jax.__version__, jax.process_index(),
-                 jax.process_count(), jax.device_count())
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info(
+        "JAX %s: process %d/%d, %d devices",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+    )
+    from medssl_jax.config_lib import ConfigError
+
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, FileNotFoundError) as e:  # bad input: say what, not where in the code
+        sys.exit(f"error: {e}")
     logging.info("Done: %s", {k: results[k] for k in ("step", "stop_reason") if k in results})
     ckpt = results.get("checkpoint_dir") or results.get("train", {}).get("checkpoint_dir")
     print(f"Checkpoints: {ckpt}\nResults: {FLAGS.workdir}/results.json")

@@ -43,6 +43,8 @@ IMAGES_PER_EXAMPLE = 2  # two views per example
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:variants]` -> the file's get_config(variants), as main.py reads it."""
     path, _, arg = spec.partition(":")
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
+        path = os.path.join(ROOT, path)  # relative to the repository, from anywhere
     if not os.path.isfile(path):
         raise SystemExit(f"--config: file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location("bench_config", path)
@@ -78,7 +80,9 @@ def apply_override(config: ml_collections.ConfigDict, text: str) -> None:
 
 def _architecture(name: str) -> str:
     """Accepts model variant names (r50_1x_sk0, tiny) and the configs' aliases (r50_1x)."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    configs_dir = os.path.join(ROOT, "configs")
+    if configs_dir not in sys.path:
+        sys.path.insert(0, configs_dir)
     import common
 
     name = common.ARCHITECTURES.get(name, name)
@@ -176,8 +180,11 @@ def sweep_configs(args: argparse.Namespace) -> list[ml_collections.ConfigDict]:
     return out
 
 
-def synthetic_batch(abstract_batch: dict[str, jax.ShapeDtypeStruct], seed: int) -> dict:
-    """Random global arrays with the step's batch shapes and shardings (distinct patients)."""
+def synthetic_batch(
+    abstract_batch: dict[str, jax.ShapeDtypeStruct], seed: int, num_classes: int = 0
+) -> dict:
+    """Random global arrays with the step's batch shapes and shardings (distinct patients;
+    labels in [0, num_classes) for the probe, or -1 = unlabeled when there is none)."""
     rng = np.random.default_rng(seed)
     batch = {}
     for k, a in abstract_batch.items():
@@ -185,6 +192,8 @@ def synthetic_batch(abstract_batch: dict[str, jax.ShapeDtypeStruct], seed: int) 
             x = rng.uniform(size=a.shape).astype(a.dtype)
         elif k == "patient_key":
             x = np.arange(a.shape[0], dtype=a.dtype)
+        elif k == "label" and a.ndim == 1 and num_classes > 0:
+            x = rng.integers(0, num_classes, size=a.shape).astype(a.dtype)
         elif k == "label":
             x = np.zeros(a.shape, a.dtype) if a.ndim > 1 else np.full(a.shape, -1, a.dtype)
         elif k == "label_mask":
@@ -283,7 +292,7 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
     init_s = time.perf_counter() - t0
     params = count_params(state.params)
     backbone_params = count_params(state.params.get("backbone", {}))
-    batch = synthetic_batch(built.abstract_batch, int(config.seed))
+    batch = synthetic_batch(built.abstract_batch, int(config.seed), args.num_classes)
 
     for _ in range(args.warmup):
         state, metrics = jax.block_until_ready(compiled(state, batch))
@@ -299,7 +308,10 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
 
     dev_peaks = _device_peak_bytes(local)
     if dev_peaks is not None:
-        peak, source = max(dev_peaks), "device peak_bytes_in_use (max over local devices)"
+        peak, source = (
+            max(dev_peaks),
+            "device peak_bytes_in_use since process start (max over local devices)",
+        )
     else:
         peak = max(_host_peak_bytes() - rss0, 0)
         source = "host RSS high-water mark increase over init+steps" + (
@@ -336,8 +348,9 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
         step_cpu_s_median=float(np.median(cpu_times)),
         images_per_s=images_per_s,
         images_per_s_per_device=images_per_s / len(devices),
-        step_gflop=flops / 1e9,
-        achieved_gflop_s=flops / 1e9 / median,
+        # XLA cost analysis of the SPMD program counts one device's share: scale to the step.
+        step_gflop=flops * len(devices) / 1e9,
+        achieved_gflop_s=flops * len(devices) / 1e9 / median,
         peak_memory_bytes=int(peak),
         peak_memory_source=source,
         compile_host_memory_bytes=int(compile_host_peak),

@@ -24,9 +24,13 @@ import common  # noqa: E402
 
 def get_config(arg: str | None = None):
     c = common.supervised_config("finetune")
-    common.apply_args(c, arg, {
-        "demo": common.finetune_demo,
-        "chexpert": common.finetune_chexpert,
-        "derm": common.finetune_derm,
-    })
+    common.apply_args(
+        c,
+        arg,
+        {
+            "demo": common.finetune_demo,
+            "chexpert": common.finetune_chexpert,
+            "derm": common.finetune_derm,
+        },
+    )
     return c

@@ -31,9 +31,13 @@ def _demo(c):
 def get_config(arg: str | None = None):
     c = common.supervised_config("linear_eval")
     _linear(c)
-    common.apply_args(c, arg, {
-        "demo": _demo,
-        "chexpert": common.finetune_chexpert,
-        "derm": common.finetune_derm,
-    })
+    common.apply_args(
+        c,
+        arg,
+        {
+            "demo": _demo,
+            "chexpert": common.finetune_chexpert,
+            "derm": common.finetune_derm,
+        },
+    )
     return c

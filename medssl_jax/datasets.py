@@ -376,8 +376,9 @@ def load(
         raise ValueError(f"options must be a mapping, got {type(options).__name__}")
     module = import_builder_module(name)
     builder = make_builder(name, data_dir)
-    fn, fields = _resolve_transform(module, options, builder.info)
+    # Prepare first: builders such as derm_csv learn their class names from the data.
     prepare(builder, manual_dir, data_dir)
+    fn, fields = _resolve_transform(module, options, builder.info)
     _check_split(builder, split)
 
     index = _get_index(builder, split, fn, fields, options)

@@ -31,8 +31,10 @@ HEAD = "supervised_head"
 
 def head_only_mask(params: Any) -> Any:
     """'train' for the supervised head, 'freeze' for everything else (linear evaluation)."""
-    return {k: jax.tree.map(lambda _, k=k: "train" if k == HEAD else "freeze", v)
-            for k, v in params.items()}
+    return {
+        k: jax.tree.map(lambda _, k=k: "train" if k == HEAD else "freeze", v)
+        for k, v in params.items()
+    }
 
 
 def make_train_step(model, tx, lr_schedule, *, label_kind: str) -> Callable:
@@ -81,9 +83,7 @@ def build(
             "needs labels (multiclass or multilabel)"
         )
     linear = config.method == "linear_eval"
-    model = config_lib.model_from_config(
-        config, num_classes=num_classes, freeze_backbone=linear
-    )
+    model = config_lib.model_from_config(config, num_classes=num_classes, freeze_backbone=linear)
     peak = optim.scaled_learning_rate(
         config.optim.base_learning_rate, config.batch_size, config.optim.lr_scaling
     )
@@ -105,24 +105,34 @@ def build(
 
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     step = make_train_step(model, tx, lr, label_kind=label_kind)
-    jitted = jax.jit(step, in_shardings=(repl, data_sh), out_shardings=(repl, repl),
-                     donate_argnums=(0,))
+    jitted = jax.jit(
+        step, in_shardings=(repl, data_sh), out_shardings=(repl, repl), donate_argnums=(0,)
+    )
 
     def eval_step(params, batch_stats, batch):
-        out = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                          train=False)
+        out = model.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["image"], train=False
+        )
         return {k: v for k, v in batch.items() if k != "image"} | {"logits": out["logits"]}
 
     eval_jit = jax.jit(eval_step, in_shardings=(repl, repl, data_sh), out_shardings=repl)
     b = int(config.batch_size)
-    abstract_batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data_sh)}
+    abstract_batch = {
+        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data_sh)
+    }
     if label_kind == "multilabel":
         for k in ("label", "label_mask"):
-            abstract_batch[k] = jax.ShapeDtypeStruct((b, num_classes), jnp.float32, sharding=data_sh)
+            abstract_batch[k] = jax.ShapeDtypeStruct(
+                (b, num_classes), jnp.float32, sharding=data_sh
+            )
     else:
         abstract_batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)
     built = Built(
-        model=model, tx=tx, lr_schedule=lr, step=jitted, init=jax.jit(init, out_shardings=repl),
+        model=model,
+        tx=tx,
+        lr_schedule=lr,
+        step=jitted,
+        init=jax.jit(init, out_shardings=repl),
         abstract_state=sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl),
         abstract_batch=abstract_batch,
     )
@@ -152,16 +162,16 @@ def predict(
 
         n_batches = int(np.max(multihost_utils.process_allgather(np.asarray(n_batches))))
     it = input_pipeline.eval_batches(store, batch_size=local_batch, image_size=image_size)
-    pad = None
+    padding = None  # all-invalid batch for a process whose shard ran out
     out: dict[str, list] = {}
     local_logits, local_index = [], []
     pid = jax.process_index()
     for _ in range(n_batches):
         batch = next(it, None)
-        if batch is None:  # this process ran out: feed an all-invalid batch
-            pad = pad or {k: np.zeros_like(v) for k, v in last.items()}
-            batch = pad
-        last = batch
+        if batch is None:
+            batch = padding
+        elif padding is None:
+            padding = {k: np.zeros_like(v) for k, v in batch.items()}
         res = jax.device_get(eval_step(params, batch_stats, sharding.to_global(batch, mesh)))
         valid = res["valid"] > 0
         for k in ("logits", "label", "label_mask"):
@@ -217,8 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
     pidx, pcount = jax.process_index(), jax.process_count()
     train_store = input_pipeline.load_store(
-        config.data, config.data.split, label_fraction=float(config.data.label_fraction),
-        process_index=pidx, process_count=pcount,
+        config.data,
+        config.data.split,
+        label_fraction=float(config.data.label_fraction),
+        process_index=pidx,
+        process_count=pcount,
     )
     eval_splits = list(config.eval_splits)
     val_split = config.get("val_split", "")
@@ -232,17 +245,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
     logging.info(
         "%s on %s: %d labelled images (fraction %.3g), eval on %s; %d steps",
-        config.method, spec.name, spec.num_images, config.data.label_fraction, eval_splits,
+        config.method,
+        spec.name,
+        spec.num_images,
+        config.data.label_fraction,
+        eval_splits,
         total_steps,
     )
     built, eval_step = build(
-        config, mesh, num_classes=spec.num_classes, label_kind=spec.label_kind,
-        total_steps=total_steps, warmup_steps=warmup_steps,
+        config,
+        mesh,
+        num_classes=spec.num_classes,
+        label_kind=spec.label_kind,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
     )
     state = built.init(jax.random.key(int(config.seed)))
     if config.init_checkpoint:
         state = ckpt_lib.warm_start(
-            state, config.init_checkpoint, ("backbone", "projection_head"),
+            state,
+            config.init_checkpoint,
+            ("backbone", "projection_head"),
             proj_layers=int(config.model.ft_proj_selector),
         )
     size = int(config.data.image_size)
@@ -253,8 +276,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     def evaluate(split: str, params, batch_stats) -> tuple[dict, dict]:
-        pred = predict(eval_step, params, batch_stats, eval_stores[split], mesh,
-                       local_batch=local_batch, image_size=size)
+        pred = predict(
+            eval_step,
+            params,
+            batch_stats,
+            eval_stores[split],
+            mesh,
+            local_batch=local_batch,
+            image_size=size,
+        )
         return split_metrics(pred, eval_stores[split].spec, graded=graded), pred
 
     def after_step(step: int, st: TrainState) -> None:
@@ -266,19 +296,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def make_batches(start_step: int):
         ds, _ = input_pipeline.finetune_dataset(
-            train_store, batch_size=local_batch, image_size=size,
-            aug=dict(config.augment), seed=int(config.seed), start_step=start_step,
+            train_store,
+            batch_size=local_batch,
+            image_size=size,
+            aug=dict(config.augment),
+            seed=int(config.seed),
+            start_step=start_step,
             process_index=pidx,
         )
         return ds.as_numpy_iterator()
 
     keys = ("image", "label") + (("label_mask",) if spec.label_kind == "multilabel" else ())
     state, summary = fit(
-        config=config, workdir=workdir, mesh=mesh, state=state, train_step=built.step,
-        make_batches=make_batches, batch_keys=keys, total_steps=total_steps,
-        global_batch_size=int(config.batch_size), images_per_example=1,
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        state=state,
+        train_step=built.step,
+        make_batches=make_batches,
+        batch_keys=keys,
+        total_steps=total_steps,
+        global_batch_size=int(config.batch_size),
+        images_per_example=1,
         restore_abstract=built.abstract_state,
-        meta={"method": config.method, "config": config.to_dict()}, after_step=after_step,
+        meta={"method": config.method, "config": config.to_dict()},
+        after_step=after_step,
     )
     params, batch_stats, chosen = state.params, state.batch_stats, summary["step"]
     if best is not None and best.step is not None:
@@ -338,18 +380,25 @@ class _BestKeeper:
         if not np.isfinite(value) or value <= self.value:
             return
         self.value, self.step = value, step
-        self.manager.save(step, args=ocp.args.Composite(
-            variables=ocp.args.StandardSave({"params": state.params,
-                                             "batch_stats": state.batch_stats}),
-            meta=ocp.args.JsonSave({"value": value, "metric": self.metric, "split": self.split}),
-        ), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(
+                    {"params": state.params, "batch_stats": state.batch_stats}
+                ),
+                meta=ocp.args.JsonSave(
+                    {"value": value, "metric": self.metric, "split": self.split}
+                ),
+            ),
+            force=True,
+        )
         self.manager.wait_until_finished()
         logging.info("New best %s/%s = %.4f at step %d", self.split, self.metric, value, step)
 
     def restore(self, state: TrainState) -> tuple[Any, Any]:
         abstract = jax.tree.map(
-            ocp.utils.to_shape_dtype_struct, {"params": state.params,
-                                              "batch_stats": state.batch_stats}
+            ocp.utils.to_shape_dtype_struct,
+            {"params": state.params, "batch_stats": state.batch_stats},
         )
         v = self.manager.restore(
             self.step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract))

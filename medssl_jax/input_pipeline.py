@@ -180,8 +180,14 @@ def pretrain_dataset(
 
     def generate():
         yield from pretrain_elements(
-            store, sched, items, batch_size=batch_size, seed=seed, start_step=start_step,
-            multi_instance=multi_instance, process_index=process_index,
+            store,
+            sched,
+            items,
+            batch_size=batch_size,
+            seed=seed,
+            start_step=start_step,
+            multi_instance=multi_instance,
+            process_index=process_index,
         )
 
     signature = {

@@ -79,8 +79,10 @@ def with_probe_head(
     probe = optax.sgd(lambda s: learning_rate(s) * scale, momentum=momentum, nesterov=True)
 
     def labels(params: Any) -> Any:
-        return {k: jax.tree.map(lambda _, k=k: "probe" if k == "supervised_head" else "body", v)
-                for k, v in params.items()}
+        return {
+            k: jax.tree.map(lambda _, k=k: "probe" if k == "supervised_head" else "body", v)
+            for k, v in params.items()
+        }
 
     return optax.multi_transform({"body": tx, "probe": probe}, labels)
 

@@ -165,7 +165,9 @@ def build(
     }
     if label_kind == "multilabel":
         for k in ("label", "label_mask"):
-            abstract_batch[k] = jax.ShapeDtypeStruct((b, num_classes), jnp.float32, sharding=data_sh)
+            abstract_batch[k] = jax.ShapeDtypeStruct(
+                (b, num_classes), jnp.float32, sharding=data_sh
+            )
     else:
         abstract_batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)
     return Built(

@@ -106,7 +106,11 @@ class Schedule:
                         "distinct patients than the per-process batch; lower config.batch_size"
                     )
                 if left:
-                    logging.info("epoch %d: %d cases left for the next epoch (remainder / same-patient)", e, left)
+                    logging.info(
+                        "epoch %d: %d cases left for the next epoch (remainder / same-patient)",
+                        e,
+                        left,
+                    )
             self._epoch_cache = {k: v for k, v in self._epoch_cache.items() if k >= e - 1}
             self._epoch_cache[e] = b
         return self._epoch_cache[e]

@@ -31,7 +31,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, field: str = "config.batch_s
     """Per-process batch size; raises naming `field` when it cannot be split evenly."""
     n_dev = mesh.devices.size
     if global_batch <= 0 or global_batch % n_dev:
-        raise ValueError(
+        from medssl_jax.config_lib import ConfigError
+
+        raise ConfigError(
             f"{field}={global_batch} must be a positive multiple of the number of devices "
             f"({n_dev} over {jax.process_count()} process(es))"
         )

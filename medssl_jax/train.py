@@ -163,6 +163,7 @@ def fit(
                 if epoch_of_step is not None:
                     last["epoch"] = epoch_of_step(step)
                 writer.write_scalars(step, last)
+                summary.setdefault("first_metrics", dict(last, step=step))
                 eta = (total_steps - step) / max(last["steps_per_sec"], 1e-9)
                 logging.info(
                     "step %d/%d  loss %.4f  %.1f img/s  ETA %s",
@@ -182,8 +183,11 @@ def fit(
                 checkpointer.save(step, state, meta, force=stop or step == total_steps)
             if stop:
                 summary["stop_reason"] = "preempted" if preempted else "stop_after_steps"
-                logging.warning("Stopped (%s) at step %d; checkpoint saved, rerun to resume.",
-                                summary["stop_reason"], step)
+                logging.warning(
+                    "Stopped (%s) at step %d; checkpoint saved, rerun to resume.",
+                    summary["stop_reason"],
+                    step,
+                )
                 break
     checkpointer.close()
     writer.flush()

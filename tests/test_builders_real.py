@@ -454,3 +454,15 @@ def test_reader_hook_through_load(chexpert_study, ham_built, data_dir):
     ds, spec = datasets.load("ham10000", "test", data_dir=str(data_dir))
     assert spec.label_kind == "multiclass" and spec.class_names == ham.CLASSES
     assert spec.num_cases == len(ham_built[1]["test"])
+
+
+def test_reader_prepares_derm_csv_whose_classes_come_from_the_data(tmp_path):
+    """load() on a not-yet-prepared derm_csv (class names unknown until it is built)."""
+    from medssl_jax import datasets
+
+    ds, spec = datasets.load(
+        "derm_csv", "train", data_dir=str(tmp_path), manual_dir=str(DUMMY["derm_csv"])
+    )
+    assert spec.label_kind == "multiclass" and spec.num_classes == len(spec.class_names) > 1
+    labels = np.concatenate([ex["label"] for ex in ds.as_numpy_iterator()])
+    assert labels.min() >= 0 and labels.max() < spec.num_classes

@@ -20,6 +20,7 @@ def _config(method="linear_eval", **kw):
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
     c.batch_size = 32
+    c.data.image_size = 32
     c.async_checkpointing = False
     c.eval_splits = ("validation", "test_shifted")
     for k, v in kw.items():
@@ -30,14 +31,17 @@ def _config(method="linear_eval", **kw):
 def test_linear_eval_freezes_backbone_bit_identically():
     c = _config("linear_eval")
     mesh = sharding.make_mesh()
-    built, _ = finetune.build(c, mesh, num_classes=4, label_kind="multiclass", total_steps=5,
-                              warmup_steps=0)
+    built, _ = finetune.build(
+        c, mesh, num_classes=4, label_kind="multiclass", total_steps=5, warmup_steps=0
+    )
     state = built.init(jax.random.key(0))
     before = jax.device_get(state)
     rng = np.random.default_rng(0)
-    for s in range(3):
-        batch = {"image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
-                 "label": rng.integers(0, 4, 32).astype(np.int32)}
+    for _ in range(3):
+        batch = {
+            "image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
+            "label": rng.integers(0, 4, 32).astype(np.int32),
+        }
         state, m = built.step(state, sharding.to_global(batch, mesh))
     after = jax.device_get(state)
     for part in ("backbone", "projection_head"):
@@ -45,7 +49,8 @@ def test_linear_eval_freezes_backbone_bit_identically():
     jax.tree.map(np.testing.assert_array_equal, before.batch_stats, after.batch_stats)
     head_changed = jax.tree.map(
         lambda a, b: not np.array_equal(a, b),
-        before.params["supervised_head"], after.params["supervised_head"],
+        before.params["supervised_head"],
+        after.params["supervised_head"],
     )
     assert all(jax.tree.leaves(head_changed))
 
@@ -53,14 +58,17 @@ def test_linear_eval_freezes_backbone_bit_identically():
 def test_full_finetune_updates_backbone_and_batch_stats():
     c = _config("finetune")
     mesh = sharding.make_mesh()
-    built, _ = finetune.build(c, mesh, num_classes=3, label_kind="multilabel", total_steps=5,
-                              warmup_steps=0)
+    built, _ = finetune.build(
+        c, mesh, num_classes=3, label_kind="multilabel", total_steps=5, warmup_steps=0
+    )
     state = built.init(jax.random.key(0))
     before = jax.device_get(state)
     rng = np.random.default_rng(1)
-    batch = {"image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
-             "label": (rng.uniform(size=(32, 3)) < 0.3).astype(np.float32),
-             "label_mask": (rng.uniform(size=(32, 3)) < 0.8).astype(np.float32)}
+    batch = {
+        "image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
+        "label": (rng.uniform(size=(32, 3)) < 0.3).astype(np.float32),
+        "label_mask": (rng.uniform(size=(32, 3)) < 0.8).astype(np.float32),
+    }
     state, m = built.step(state, sharding.to_global(batch, mesh))
     assert np.isfinite(float(m["loss"]))
     after = jax.device_get(state)
@@ -68,8 +76,9 @@ def test_full_finetune_updates_backbone_and_batch_stats():
         lambda a, b: not np.array_equal(a, b), before.params["backbone"], after.params["backbone"]
     )
     assert np.mean(jax.tree.leaves(changed)) > 0.5
-    assert not np.array_equal(jax.tree.leaves(before.batch_stats)[0],
-                              jax.tree.leaves(after.batch_stats)[0])
+    assert not np.array_equal(
+        jax.tree.leaves(before.batch_stats)[0], jax.tree.leaves(after.batch_stats)[0]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +122,9 @@ def test_warm_start_rejects_mismatched_architecture(tmp_path, pretrained_dir):
     c = _config("finetune")
     c.model.variant = "r18_0.25x_sk0"  # wider than the checkpoint
     mesh = sharding.make_mesh()
-    built, _ = finetune.build(c, mesh, num_classes=3, label_kind="multiclass", total_steps=2,
-                              warmup_steps=0)
+    built, _ = finetune.build(
+        c, mesh, num_classes=3, label_kind="multiclass", total_steps=2, warmup_steps=0
+    )
     state = built.init(jax.random.key(0))
     with pytest.raises(ValueError, match="shape"):
         checkpoint.warm_start(state, pretrained_dir, ("backbone",))
@@ -123,5 +133,6 @@ def test_warm_start_rejects_mismatched_architecture(tmp_path, pretrained_dir):
 def test_unlabeled_dataset_cannot_be_finetuned():
     c = _config("finetune")
     with pytest.raises(ValueError, match="needs labels"):
-        finetune.build(c, sharding.make_mesh(), num_classes=0, label_kind="none",
-                       total_steps=2, warmup_steps=0)
+        finetune.build(
+            c, sharding.make_mesh(), num_classes=0, label_kind="none", total_steps=2, warmup_steps=0
+        )

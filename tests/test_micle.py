@@ -24,7 +24,12 @@ def _elements(store, *, patient_unique=True, start_step=0, steps=STEPS, seed=0):
     keys = store.patient_keys if patient_unique else None
     sched = Schedule(len(items), BATCH, seed, patient_keys=keys)
     gen = input_pipeline.pretrain_elements(
-        store, sched, items, batch_size=BATCH, seed=seed, start_step=start_step,
+        store,
+        sched,
+        items,
+        batch_size=BATCH,
+        seed=seed,
+        start_step=start_step,
         multi_instance=True,
     )
     return [[next(gen) for _ in range(BATCH)] for _ in range(steps)]
@@ -87,10 +92,20 @@ def test_elements_are_a_pure_function_of_the_step(store):
 def test_augmented_batches_have_views_and_distinct_share(store):
     config = tiny_pretrain_config("micle")
     ds, _ = input_pipeline.pretrain_dataset(
-        store, batch_size=16, image_size=32, aug=dict(
-            color_strength=1.0, blur=True, rotation_degrees=0.0, flip=True, grayscale_prob=0.2,
-            color_jitter_prob=0.8),
-        seed=0, multi_instance=True, patient_unique=True,
+        store,
+        batch_size=16,
+        image_size=32,
+        aug=dict(
+            color_strength=1.0,
+            blur=True,
+            rotation_degrees=0.0,
+            flip=True,
+            grayscale_prob=0.2,
+            color_jitter_prob=0.8,
+        ),
+        seed=0,
+        multi_instance=True,
+        patient_unique=True,
     )
     b = next(ds.as_numpy_iterator())
     assert b["views"].shape == (16, 2, 32, 32, 3) and b["views"].dtype == np.float32
@@ -107,8 +122,9 @@ def test_micle_loss_equals_simclr_loss_on_the_same_pairs():
     losses = {}
     for method in ("simclr", "micle"):
         config = tiny_pretrain_config(method)
-        built = pretrain.build(config, mesh, num_classes=5, label_kind="multiclass",
-                               total_steps=4, warmup_steps=1)
+        built = pretrain.build(
+            config, mesh, num_classes=5, label_kind="multiclass", total_steps=4, warmup_steps=1
+        )
         state = built.init(jax.random.key(0))
         _, m = built.step(state, sharding.to_global(batch, mesh))
         losses[method] = jax.device_get(m)

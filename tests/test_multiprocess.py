@@ -25,7 +25,10 @@ def _launch(nproc: int, ndev: int, out: Path) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(p), str(nproc), str(ndev), str(port), str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for p in range(nproc)
     ]

@@ -16,7 +16,11 @@ NUM_CLASSES = 5
 def _run_steps(devices, config, batches):
     mesh = sharding.make_mesh(devices)
     built = pretrain.build(
-        config, mesh, num_classes=NUM_CLASSES, label_kind="multiclass", total_steps=10,
+        config,
+        mesh,
+        num_classes=NUM_CLASSES,
+        label_kind="multiclass",
+        total_steps=10,
         warmup_steps=2,
     )
     state = built.init(jax.random.key(0))
@@ -31,7 +35,9 @@ def _run_steps(devices, config, batches):
 def one_vs_eight():
     config = tiny_pretrain_config()
     batches = [synthetic_pretrain_batch(s, 16, 32, NUM_CLASSES) for s in range(2)]
-    return _run_steps(jax.devices()[:1], config, batches), _run_steps(jax.devices(), config, batches)
+    return _run_steps(jax.devices()[:1], config, batches), _run_steps(
+        jax.devices(), config, batches
+    )
 
 
 def test_eight_devices_match_one_device(one_vs_eight):
@@ -46,7 +52,8 @@ def test_eight_devices_match_one_device(one_vs_eight):
     )
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
-        s1.batch_stats, s8.batch_stats,
+        s1.batch_stats,
+        s8.batch_stats,
     )
 
 

@@ -16,6 +16,7 @@ def tiny_pretrain_config(method: str = "simclr", **overrides):
     c = common.pretrain_config(method)
     common.demo(c)
     c.model.variant = "r18_0.125x_sk0"
+    c.data.image_size = 32  # unit tests: small and fast (the demo config uses 64)
     c.batch_size = 16
     c.num_steps = 6
     c.log_every_steps = 2

@@ -33,8 +33,11 @@ class DemoConfig(tfds.core.BuilderConfig):
 class Demo(tfds.core.GeneratorBasedBuilder):
     """Synthetic lesions: class = lesion pattern; per-image viewpoint/lighting/skin nuisance."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First version.",
+        "1.1.0": "Lesion colour varies per image (only pattern and shape identify a case).",
+    }
     BUILDER_CONFIGS = [
         DemoConfig(name="default", description="64x64 images, ~620/170/170/150 cases."),
         DemoConfig(

@@ -160,6 +160,9 @@ def render(
     pat = _pattern(les, u, v, rho, phi)
     inner = 1.0 - les.contrast * pat
     lesion = les.pigment * inner[..., None] + les.dark * (1.0 - inner[..., None])
+    # The lesion's colour as this camera/light renders it: varies per image, so that within a
+    # case only its pattern (the class) and shape stay fixed; colour is no identity shortcut.
+    lesion = np.clip(lesion * rng.uniform(0.65, 1.35, 3), 0, 1)
 
     # Skin: tone, low-frequency mottling, pores, hairs.
     tone = _SKIN[rng.integers(len(_SKIN))] * rng.uniform(0.9, 1.08, 3)

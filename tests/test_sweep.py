@@ -1,0 +1,43 @@
+"""The fine-tuning sweep: argument checks, run layout, and skipping finished runs."""
+
+import json
+
+import pytest
+
+from medssl_jax import sweep, train
+from tests.utils import ROOT  # noqa: F401  (configs/ on sys.path)
+
+
+def test_parse_inits_checks_paths(tmp_path):
+    assert sweep.parse_inits(["scratch", f"micle:{tmp_path}"]) == {
+        "scratch": "", "micle": str(tmp_path)
+    }
+    with pytest.raises(FileNotFoundError, match="missing"):
+        sweep.parse_inits([f"simclr:{tmp_path / 'missing'}"])
+    with pytest.raises(ValueError, match="only 'scratch'"):
+        sweep.parse_inits(["simclr"])
+
+
+def test_run_sweep_runs_each_missing_combination_once(tmp_path, monkeypatch):
+    import finetune
+
+    calls = []
+
+    def fake_run(config, workdir):
+        calls.append((config.init_name, config.init_checkpoint, config.data.label_fraction,
+                      config.seed, workdir))
+        return {}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_run)
+    done = sweep.run_dir(str(tmp_path), "scratch", 1.0, 0)
+    (tmp_path / "scratch" / "frac1" / "seed0").mkdir(parents=True)
+    (tmp_path / "scratch" / "frac1" / "seed0" / "results.json").write_text(json.dumps({}))
+    dirs = sweep.run_sweep(
+        finetune.get_config("demo"), str(tmp_path), ["0.1", "1.0"], ["0", "1"],
+        {"scratch": "", "micle": "/ckpt"},
+    )
+    assert len(dirs) == 8 and done in dirs
+    assert len(calls) == 7  # the finished run is skipped
+    assert ("micle", "/ckpt", 0.1, 1, sweep.run_dir(str(tmp_path), "micle", 0.1, 1)) in calls
+    with pytest.raises(ValueError, match="fractions"):
+        sweep.run_sweep(finetune.get_config("demo"), str(tmp_path), ["1.5"], ["0"], {"s": ""})
