@@ -36,7 +36,7 @@ class Demo(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {
         "1.0.0": "First version.",
-        "1.1.0": "Lesion colour varies per image (only pattern and shape identify a case).",
+        "1.1.0": "Lesion colour varies per image; stronger class patterns.",
     }
     BUILDER_CONFIGS = [
         DemoConfig(name="default", description="64x64 images, ~620/170/170/150 cases."),
