@@ -24,7 +24,7 @@ from clu import metric_writers
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, sharding
 from medssl_jax.pretrain import Built
-from medssl_jax.train import TrainState, fit
+from medssl_jax.train import TrainState, fit, make_init
 
 HEAD = "supervised_head"
 
@@ -84,25 +84,12 @@ def build(
         )
     linear = config.method == "linear_eval"
     model = config_lib.model_from_config(config, num_classes=num_classes, freeze_backbone=linear)
-    peak = optim.scaled_learning_rate(
-        config.optim.base_learning_rate, config.batch_size, config.optim.lr_scaling
-    )
-    lr = optim.learning_rate_schedule(peak, total_steps, warmup_steps)
-    tx = optim.make_optimizer(config.optim, lr)
+    tx, lr, peak = optim.from_config(config, total_steps, warmup_steps)
     if linear:
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, head_only_mask)
     size = int(config.data.image_size)
 
-    def init(rng):
-        variables = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False)
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-        )
-
+    init = make_init(model, tx, size)
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     step = make_train_step(model, tx, lr, label_kind=label_kind)
     jitted = jax.jit(

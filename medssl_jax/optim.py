@@ -119,3 +119,14 @@ def make_optimizer(
     if name == "adamw":
         return optax.adamw(learning_rate, weight_decay=wd, mask=decay_mask)
     raise ValueError(f"config.optim.name={name!r}: expected one of {OPTIMIZERS}")
+
+
+def from_config(
+    config: Mapping[str, Any], total_steps: int, warmup_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule, float]:
+    """(optimiser, schedule, peak rate) for `config.optim` at `config.batch_size`."""
+    peak = scaled_learning_rate(
+        config["optim"]["base_learning_rate"], config["batch_size"], config["optim"]["lr_scaling"]
+    )
+    lr = learning_rate_schedule(peak, total_steps, warmup_steps)
+    return make_optimizer(config["optim"], lr), lr, peak

@@ -19,7 +19,7 @@ import optax
 
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, input_pipeline, losses, optim, sharding
-from medssl_jax.train import TrainState, fit, write_json
+from medssl_jax.train import TrainState, fit, make_init, write_json
 
 PRETRAIN_KEYS = ("views", "label", "patient_key", "distinct")
 
@@ -118,27 +118,14 @@ def build(
     model = config_lib.model_from_config(
         config, num_classes=num_classes if probe else 0, head_stop_gradient=True
     )
-    peak = optim.scaled_learning_rate(
-        config.optim.base_learning_rate, config.batch_size, config.optim.lr_scaling
-    )
-    lr = optim.learning_rate_schedule(peak, total_steps, warmup_steps)
-    tx = optim.make_optimizer(config.optim, lr)
+    tx, lr, peak = optim.from_config(config, total_steps, warmup_steps)
     if probe:
         tx = optim.with_probe_head(
             tx, lr, peak, float(config.optim.get("probe_learning_rate", 0.1))
         )
     size = int(config.data.image_size)
 
-    def init(rng: jax.Array) -> TrainState:
-        variables = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False)
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-        )
-
+    init = make_init(model, tx, size)
     repl = sharding.replicated(mesh)
     abstract_state = sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl)
     mask = config.get("micle", {}).get("same_patient", "exclude") == "mask"

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
@@ -34,6 +35,23 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+
+
+def make_init(model: Any, tx: Any, image_size: int) -> Callable[[jax.Array], TrainState]:
+    """rng -> fresh TrainState (step 0, initial params/batch_stats, optimiser state)."""
+
+    def init(rng: jax.Array) -> TrainState:
+        x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+        variables = model.init(rng, x, train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+        )
+
+    return init
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

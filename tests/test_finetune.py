@@ -64,18 +64,21 @@ def test_full_finetune_updates_backbone_and_batch_stats():
     state = built.init(jax.random.key(0))
     before = jax.device_get(state)
     rng = np.random.default_rng(1)
-    batch = {
-        "image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
-        "label": (rng.uniform(size=(32, 3)) < 0.3).astype(np.float32),
-        "label_mask": (rng.uniform(size=(32, 3)) < 0.8).astype(np.float32),
-    }
-    state, m = built.step(state, sharding.to_global(batch, mesh))
-    assert np.isfinite(float(m["loss"]))
+    # Three steps: at step 1 the zero-initialised last gamma of every residual branch blocks
+    # the gradient into that branch (by design), so only later steps move all parameters.
+    for _ in range(3):
+        batch = {
+            "image": rng.uniform(size=(32, 32, 32, 3)).astype(np.float32),
+            "label": (rng.uniform(size=(32, 3)) < 0.3).astype(np.float32),
+            "label_mask": (rng.uniform(size=(32, 3)) < 0.8).astype(np.float32),
+        }
+        state, m = built.step(state, sharding.to_global(batch, mesh))
+        assert np.isfinite(float(m["loss"]))
     after = jax.device_get(state)
     changed = jax.tree.map(
         lambda a, b: not np.array_equal(a, b), before.params["backbone"], after.params["backbone"]
     )
-    assert np.mean(jax.tree.leaves(changed)) > 0.5
+    assert np.mean(jax.tree.leaves(changed)) > 0.95
     assert not np.array_equal(
         jax.tree.leaves(before.batch_stats)[0], jax.tree.leaves(after.batch_stats)[0]
     )

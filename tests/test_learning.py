@@ -26,6 +26,6 @@ def test_simclr_demo_loss_goes_down_and_probe_beats_chance(tmp_path, tfds_data_d
         f"(chance {1 / (two_b - 1):.3f}); probe acc {last['probe_acc']:.3f} "
         f"(chance {1 / num_classes:.3f})"
     )
-    assert last["contrastive_loss"] < 0.9 * first["contrastive_loss"]
+    assert last["contrastive_loss"] < 0.95 * first["contrastive_loss"]
     assert last["contrastive_acc"] > 4 / (two_b - 1)
     assert last["probe_acc"] > 1 / num_classes + 0.02

@@ -10,7 +10,8 @@ from tests.utils import ROOT  # noqa: F401  (configs/ on sys.path)
 
 def test_parse_inits_checks_paths(tmp_path):
     assert sweep.parse_inits(["scratch", f"micle:{tmp_path}"]) == {
-        "scratch": "", "micle": str(tmp_path)
+        "scratch": "",
+        "micle": str(tmp_path),
     }
     with pytest.raises(FileNotFoundError, match="missing"):
         sweep.parse_inits([f"simclr:{tmp_path / 'missing'}"])
@@ -24,8 +25,15 @@ def test_run_sweep_runs_each_missing_combination_once(tmp_path, monkeypatch):
     calls = []
 
     def fake_run(config, workdir):
-        calls.append((config.init_name, config.init_checkpoint, config.data.label_fraction,
-                      config.seed, workdir))
+        calls.append(
+            (
+                config.init_name,
+                config.init_checkpoint,
+                config.data.label_fraction,
+                config.seed,
+                workdir,
+            )
+        )
         return {}
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_run)
@@ -33,7 +41,10 @@ def test_run_sweep_runs_each_missing_combination_once(tmp_path, monkeypatch):
     (tmp_path / "scratch" / "frac1" / "seed0").mkdir(parents=True)
     (tmp_path / "scratch" / "frac1" / "seed0" / "results.json").write_text(json.dumps({}))
     dirs = sweep.run_sweep(
-        finetune.get_config("demo"), str(tmp_path), ["0.1", "1.0"], ["0", "1"],
+        finetune.get_config("demo"),
+        str(tmp_path),
+        ["0.1", "1.0"],
+        ["0", "1"],
         {"scratch": "", "micle": "/ckpt"},
     )
     assert len(dirs) == 8 and done in dirs
