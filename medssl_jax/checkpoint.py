@@ -99,6 +99,16 @@ class PreemptionGuard:
         return bool(np.any(flags))
 
 
+def _reader(directory: epath.Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
 def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
     """Accepts a run workdir, its checkpoints/ folder, or one step folder inside it."""
     p = epath.Path(path)
@@ -107,13 +117,13 @@ def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
     candidates = [p / "checkpoints", p]
     for c in candidates:
         if c.is_dir():
-            mngr = ocp.CheckpointManager(c)
+            mngr = _reader(c)
             step = mngr.latest_step()
             if step is not None:
                 return mngr, step
             mngr.close()
     if p.name.isdigit() and (p.parent).is_dir():
-        return ocp.CheckpointManager(p.parent), int(p.name)
+        return _reader(p.parent), int(p.name)
     raise FileNotFoundError(
         f"no checkpoint found under {path!r} (expected a run workdir with checkpoints/<step>/)"
     )
@@ -122,9 +132,14 @@ def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
 def load_variables(path: str) -> tuple[dict, dict, int]:
     """(params, batch_stats, step) of the latest checkpoint at `path`, as host NumPy trees."""
     mngr, step = _checkpoint_dir(path)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto one local device whatever topology saved it (a pod's pretraining run
+    # warm-starts fine-tuning on a single GPU or a laptop).
+    tree = mngr.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
-    state = restored.state
+    state = jax.device_get(restored.state)
     return dict(state["params"]), dict(state.get("batch_stats", {})), step
 
 

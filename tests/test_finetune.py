@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medssl_jax import checkpoint, finetune, sharding, train
-from tests.utils import ROOT  # noqa: F401  (puts configs/ on sys.path)
+from tests.utils import ROOT  # (also puts configs/ on sys.path)
 
 
 def _config(method="linear_eval", **kw):
@@ -139,3 +139,22 @@ def test_unlabeled_dataset_cannot_be_finetuned():
         finetune.build(
             c, sharding.make_mesh(), num_classes=0, label_kind="none", total_steps=2, warmup_steps=0
         )
+
+
+def test_checkpoint_saved_on_8_devices_warm_starts_on_1_device(pretrained_dir):
+    """A pod's pretraining checkpoint must load on any topology (here: a 1-device process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax; from medssl_jax import checkpoint; "
+        f"p, b, s = checkpoint.load_variables({pretrained_dir!r}); "
+        "print(jax.device_count(), s, sorted(p))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(ROOT)
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("1 4 ['backbone'")
