@@ -56,13 +56,8 @@ def make_train_step(model, tx, lr_schedule, *, label_kind: str) -> Callable:
             return loss, (mutated["batch_stats"], m)
 
         (loss, (batch_stats, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         m.update(loss=loss, learning_rate=lr_schedule(state.step))
-        new = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new, m
+        return state.apply_gradients(tx, grads, batch_stats), m
 
     return step
 

@@ -88,18 +88,13 @@ def make_train_step(
         (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics.update(
             loss=loss,
             learning_rate=lr_schedule(state.step),
             distinct_pairs=jnp.mean(batch["distinct"]),
             grad_norm=optax.global_norm(grads),
         )
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new_state, metrics
+        return state.apply_gradients(tx, grads, batch_stats), metrics
 
     return step
 

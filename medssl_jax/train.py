@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from clu import metric_writers, periodic_actions
 
 from medssl_jax import checkpoint as ckpt_lib
@@ -35,6 +36,16 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+
+    def apply_gradients(self, tx: Any, grads: Any, batch_stats: Any) -> TrainState:
+        """One optimiser update, new BatchNorm statistics, step + 1."""
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
 
 
 def make_init(model: Any, tx: Any, image_size: int) -> Callable[[jax.Array], TrainState]:

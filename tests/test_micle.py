@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import input_pipeline, pretrain, sharding
+from medssl_jax import config_lib, input_pipeline, pretrain, sharding
 from medssl_jax.schedule import Schedule
 from tests.utils import synthetic_pretrain_batch, tiny_pretrain_config
 
@@ -95,14 +95,7 @@ def test_augmented_batches_have_views_and_distinct_share(store):
         store,
         batch_size=16,
         image_size=32,
-        aug=dict(
-            color_strength=1.0,
-            blur=True,
-            rotation_degrees=0.0,
-            flip=True,
-            grayscale_prob=0.2,
-            color_jitter_prob=0.8,
-        ),
+        aug=config_lib.augment_kwargs(config),
         seed=0,
         multi_instance=True,
         patient_unique=True,
