@@ -20,11 +20,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+def absolute(path: str) -> str:
+    """Orbax needs absolute paths: make local ones absolute, leave URLs (gs://...) alone."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for one run directory."""
 
     def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = epath.Path(absolute(workdir)) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(1, every_steps),
@@ -111,7 +116,7 @@ def _reader(directory: epath.Path) -> ocp.CheckpointManager:
 
 def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
     """Accepts a run workdir, its checkpoints/ folder, or one step folder inside it."""
-    p = epath.Path(path)
+    p = epath.Path(absolute(path))
     if not p.exists():
         raise FileNotFoundError(f"init checkpoint {path!r} does not exist")
     candidates = [p / "checkpoints", p]

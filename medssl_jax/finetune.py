@@ -346,7 +346,7 @@ class _BestKeeper:
         self.metric = "auc_mean" if label_kind == "multilabel" else "top1"
         self.split = split
         self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "best"),
+            os.path.join(ckpt_lib.absolute(workdir), "best"),
             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
         )
         self.step = self.manager.latest_step()

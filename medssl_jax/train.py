@@ -67,6 +67,7 @@ def make_init(model: Any, tx: Any, image_size: int) -> Callable[[jax.Array], Tra
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the method named by `config.method` in `workdir` (resuming if it has checkpoints)."""
+    workdir = ckpt_lib.absolute(workdir)
     method = config.get("method", "")
     if method in ("simclr", "micle"):
         from medssl_jax import pretrain

@@ -1,0 +1,57 @@
+"""Checkpointing: relative run directories, SIGTERM handling, partial warm starts."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from medssl_jax import checkpoint
+
+
+def test_relative_workdir_round_trip(tmp_path, monkeypatch):
+    """`--workdir=runs/x` (relative, as in the README) must save and restore."""
+    monkeypatch.chdir(tmp_path)
+    state = {"params": {"w": np.arange(6, dtype=np.float32)}, "step": np.asarray(3, np.int32)}
+    ck = checkpoint.Checkpointer("runs/x", every_steps=1, keep=2, async_save=False)
+    assert ck.save(3, state, {"note": "hi"})
+    ck.close()
+    ck = checkpoint.Checkpointer("runs/x", every_steps=1, keep=2)
+    assert ck.latest_step() == 3
+    restored, meta = ck.restore(state)
+    ck.close()
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert meta == {"note": "hi"}
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "3").is_dir()
+    assert checkpoint.absolute("gs://bucket/run") == "gs://bucket/run"
+
+
+def test_sigterm_is_recorded_not_fatal_and_handler_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with checkpoint.PreemptionGuard() as guard:
+        assert not guard.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.requested()  # we are still alive; the loop will save and stop
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_merge_pretrained_takes_selected_projection_layers_only():
+    target = {
+        "backbone": {"k": np.zeros(2)},
+        "projection_head": {"layer_0": {"k": np.zeros(2)}, "layer_1": {"k": np.zeros(2)}},
+        "supervised_head": {"k": np.zeros(3)},
+    }
+    source = {
+        "backbone": {"k": np.ones(2)},
+        "projection_head": {"layer_0": {"k": np.full(2, 2.0)}, "layer_1": {"k": np.full(2, 3.0)}},
+        "supervised_head": {"k": np.ones(5)},  # another task's head: never copied
+    }
+    out = checkpoint.merge_pretrained(
+        target, source, ("backbone", "projection_head"), proj_layers=1
+    )
+    np.testing.assert_array_equal(out["backbone"]["k"], [1, 1])
+    np.testing.assert_array_equal(out["projection_head"]["layer_0"]["k"], [2, 2])
+    np.testing.assert_array_equal(out["projection_head"]["layer_1"]["k"], [0, 0])
+    np.testing.assert_array_equal(out["supervised_head"]["k"], [0, 0, 0])
+    with pytest.raises(ValueError, match="shape"):
+        checkpoint.merge_pretrained({"backbone": {"k": np.zeros(3)}}, source, ("backbone",))
