@@ -56,7 +56,7 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9
     c.optim.warmup_epochs = 10.0
     c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs
-    c.optim.probe_learning_rate = 0.1  # online probe head: momentum SGD, same schedule shape
+    c.optim.probe_learning_rate = 0.003  # online probe head: Adam, same schedule shape
 
     c.batch_size = 4096  # global, over all devices and hosts
     c.num_epochs = 100.0

@@ -67,16 +67,16 @@ def with_probe_head(
     learning_rate: optax.Schedule,
     peak: float,
     probe_learning_rate: float,
-    momentum: float = 0.9,
 ) -> optax.GradientTransformation:
-    """Pretraining optimiser with the online probe head on its own momentum-SGD rate.
+    """Pretraining optimiser with the online probe head on its own Adam rate.
 
-    The probe sees stop_gradient features, so its step size is independent of the backbone's;
-    SimCLR's raw LARS rate (often > 1 with sqrt scaling) makes a linear head diverge. The probe
-    follows the same warm-up/cosine shape, rescaled to `probe_learning_rate` at its peak.
+    The probe sees stop_gradient features whose scale drifts as the backbone trains: SimCLR's
+    raw LARS rate (often > 1 with sqrt scaling), or any fixed SGD rate, makes a linear head on
+    large un-normalised features diverge; Adam is invariant to that scale. The probe follows
+    the backbone's warm-up/cosine shape, rescaled to peak at `probe_learning_rate`.
     """
     scale = probe_learning_rate / peak if peak > 0 else 0.0
-    probe = optax.sgd(lambda s: learning_rate(s) * scale, momentum=momentum, nesterov=True)
+    probe = optax.adam(lambda s: learning_rate(s) * scale)
 
     def labels(params: Any) -> Any:
         return {

@@ -116,7 +116,7 @@ def build(
     tx, lr, peak = optim.from_config(config, total_steps, warmup_steps)
     if probe:
         tx = optim.with_probe_head(
-            tx, lr, peak, float(config.optim.get("probe_learning_rate", 0.1))
+            tx, lr, peak, float(config.optim.get("probe_learning_rate", 0.003))
         )
     size = int(config.data.image_size)
 
