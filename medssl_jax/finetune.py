@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from clu import metric_writers
 
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, sharding
+from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, predictions, sharding
 from medssl_jax.pretrain import Built
 from medssl_jax.train import TrainState, fit, make_init
 
@@ -188,7 +188,7 @@ def _write_predictions(path: str, pred: dict, store: input_pipeline.CaseStore) -
     mask = (
         np.stack([store.label_masks[c][i] for c, i in flat]) if multilabel and len(flat) else None
     )
-    metrics.write_predictions_csv(
+    predictions.write_predictions_csv(
         path,
         case_ids=[store.case_ids[c] for c, _ in flat],
         image_ids=[store.image_ids[c][i] for c, i in flat],

@@ -25,7 +25,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from medssl_jax import metrics, plots
+from medssl_jax import metrics, plots, predictions
 
 __all__ = [
     "RESULTS_FILENAME",
@@ -62,7 +62,7 @@ class _ResultsRequired(TypedDict):
 class ResultsJson(_ResultsRequired, total=False):
     """Schema of results.json written by fine-tuning / linear evaluation.
 
-    `predictions` maps a split to its prediction CSV (see metrics.write_predictions_csv),
+    `predictions` maps a split to its prediction CSV (see predictions.write_predictions_csv),
     relative to the results folder. Pretraining runs (kind == "pretrain") may carry other keys
     and are skipped by the report.
     """
@@ -244,7 +244,7 @@ def _roc_curves(run: Run, split: str) -> list[tuple[str, np.ndarray, np.ndarray,
     """Per-class ROC curves of one run's prediction CSV (one-vs-rest or per condition)."""
     csv_path = run.folder / run.results["predictions"][split]
     try:
-        pred = metrics.read_predictions_csv(csv_path)
+        pred = predictions.read_predictions_csv(csv_path)
     except ValueError as e:
         raise ResultsError(f"{run.source}: prediction CSV for split '{split}': {e}") from None
     if list(pred.class_names) != list(run.results["class_names"]):

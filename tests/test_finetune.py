@@ -113,9 +113,9 @@ def test_end_to_end_linear_eval_from_checkpoint(tmp_path, pretrained_dir, tfds_d
     got, _, _ = checkpoint.load_variables(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, src["backbone"], got["backbone"])
     # Predictions CSV rows = validation images, scores are probabilities.
-    from medssl_jax import metrics
+    from medssl_jax import predictions
 
-    pred = metrics.read_predictions_csv(tmp_path / saved["predictions"]["validation"])
+    pred = predictions.read_predictions_csv(tmp_path / saved["predictions"]["validation"])
     assert len(pred.case_ids) == saved["splits"]["validation"]["num_examples"]
     np.testing.assert_allclose(pred.scores.sum(1), 1.0, atol=1e-5)
     assert res["selected_on"] == "validation"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sklearn.metrics as skm
 
-from medssl_jax import metrics
+from medssl_jax import metrics, predictions
 
 SEEDS = range(5)
 
@@ -221,7 +221,7 @@ def test_predictions_csv_round_trip_multiclass(tmp_path):
     path = tmp_path / "pred.csv"
     mask = np.ones(n, bool)
     mask[7] = False
-    metrics.write_predictions_csv(
+    predictions.write_predictions_csv(
         path,
         case_ids=case_ids,
         image_ids=image_ids,
@@ -232,7 +232,7 @@ def test_predictions_csv_round_trip_multiclass(tmp_path):
     )
     header = path.read_text().splitlines()[0]
     assert header.startswith("case_id,image_id,label,score/mel")
-    back = metrics.read_predictions_csv(path)
+    back = predictions.read_predictions_csv(path)
     assert back.class_names == names and not back.multilabel
     assert back.case_ids == case_ids
     assert back.image_ids == [f"img_{i}.jpg" for i in range(n)]
@@ -249,7 +249,7 @@ def test_predictions_csv_round_trip_multilabel_and_errors(tmp_path):
     labels = rng.integers(0, 2, (n, k)).astype(np.float32)
     mask = rng.random((n, k)) < 0.6
     path = tmp_path / "ml.csv"
-    metrics.write_predictions_csv(
+    predictions.write_predictions_csv(
         path,
         case_ids=[str(i) for i in range(n)],
         image_ids=[f"v{i}" for i in range(n)],
@@ -258,7 +258,7 @@ def test_predictions_csv_round_trip_multilabel_and_errors(tmp_path):
         class_names=("Edema", "Atelectasis", "Cardiomegaly"),
         label_mask=mask,
     )
-    back = metrics.read_predictions_csv(path)
+    back = predictions.read_predictions_csv(path)
     assert back.multilabel
     np.testing.assert_array_equal(back.scores, scores)
     np.testing.assert_array_equal(back.label_mask, mask)
@@ -271,9 +271,9 @@ def test_predictions_csv_round_trip_multilabel_and_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"bad.csv: row 4, column 'score/Cardiomegaly'"):
-        metrics.read_predictions_csv(bad)
+        predictions.read_predictions_csv(bad)
     with pytest.raises(ValueError, match="not a probability"):
-        metrics.write_predictions_csv(
+        predictions.write_predictions_csv(
             tmp_path / "x.csv",
             case_ids=["a"],
             image_ids=["b"],

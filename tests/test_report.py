@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medssl_jax import metrics, report
+from medssl_jax import metrics, predictions, report
 
 INITS = ("micle", "simclr")
 FRACTIONS = (0.1, 1.0)
@@ -30,7 +30,7 @@ def _write_multiclass_run(folder, init, frac, seed, rng):
     folder.mkdir(parents=True)
     preds = {}
     for split in ("test", "test_shifted"):
-        metrics.write_predictions_csv(
+        predictions.write_predictions_csv(
             folder / f"predictions_{split}.csv",
             case_ids=[f"case{i // 2}" for i in range(n)],
             image_ids=[f"img{i}" for i in range(n)],
@@ -63,7 +63,7 @@ def _write_multilabel_run(folder, init, rng):
     mask = rng.random((n, k)) < 0.8
     probs = 1 / (1 + np.exp(-(rng.normal(size=(n, k)) + 2 * labels - 1)))
     folder.mkdir(parents=True)
-    metrics.write_predictions_csv(
+    predictions.write_predictions_csv(
         folder / "predictions_test.csv",
         case_ids=[f"patient{i}" for i in range(n)],
         image_ids=[f"view{i}" for i in range(n)],

@@ -1,0 +1,172 @@
+"""Per-example prediction CSVs: case id, image id, label(s) and one probability per class.
+
+No identifiers beyond the dataset's own case and image ids are written. `read_predictions_csv`
+reads them back exactly (for reports and ROC curves) with errors naming file, row and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from medssl_jax.metrics import _class_keys, _finite_2d, _int_labels
+
+__all__ = ["Predictions", "read_predictions_csv", "write_predictions_csv"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Contents of a prediction CSV.
+
+    labels: int [N] (multiclass, -1 where masked) or float [N, K] (multilabel, 0 where
+    masked); label_mask: bool, same shape as labels; scores: float64 [N, K] probabilities.
+    """
+
+    case_ids: list[str]
+    image_ids: list[str]
+    labels: np.ndarray
+    label_mask: np.ndarray
+    scores: np.ndarray
+    class_names: tuple[str, ...]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+
+def _as_str_ids(name: str, ids: Sequence, n: int) -> list[str]:
+    out = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in np.asarray(ids).tolist()]
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} entries, expected {n}")
+    return out
+
+
+def write_predictions_csv(
+    path: str | os.PathLike,
+    *,
+    case_ids: Sequence,
+    image_ids: Sequence,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    label_mask: np.ndarray | None = None,
+) -> None:
+    """Write one row per example: case_id, image_id, label column(s), score/<class> columns.
+
+    Multiclass: labels int [N] -> one 'label' column (class index). Multilabel: labels [N, K]
+    -> 'label/<class>' columns. Entries with label_mask == 0 are left empty. scores are
+    probabilities [N, K] written at full (shortest round-trip) precision; no other identifiers
+    are written.
+    """
+    raw = np.asarray(scores)
+    scores = _finite_2d("scores", raw)
+    n, k = scores.shape
+    names = _class_keys(class_names, k)
+    if np.any((scores < 0) | (scores > 1)):
+        r, c = np.argwhere((scores < 0) | (scores > 1))[0]
+        raise ValueError(f"scores[{r}, {c}] = {scores[r, c]} is not a probability in [0, 1]")
+    labels = np.asarray(labels)
+    multilabel = labels.ndim == 2
+    if labels.shape != ((n, k) if multilabel else (n,)):
+        raise ValueError(f"labels must have shape ({n},) or {(n, k)}, got {labels.shape}")
+    mask = np.ones(labels.shape, bool) if label_mask is None else np.asarray(label_mask)
+    if mask.shape != labels.shape:
+        raise ValueError(f"label_mask shape {mask.shape} must match labels shape {labels.shape}")
+    mask = mask.astype(bool)
+    case_ids = _as_str_ids("case_ids", case_ids, n)
+    image_ids = _as_str_ids("image_ids", image_ids, n)
+    if multilabel:
+        lab = labels.astype(np.float64)
+        if not np.all(np.isfinite(lab[mask])):
+            raise ValueError("multilabel labels must be finite where label_mask == 1")
+        label_txt = [
+            [format(v, "g") if m else "" for v, m in zip(row, mrow, strict=True)]
+            for row, mrow in zip(lab.tolist(), mask.tolist(), strict=True)
+        ]
+        header = ["case_id", "image_id", *[f"label/{c}" for c in names]]
+    else:
+        ok = _int_labels("labels (unmasked rows)", labels[mask], int(mask.sum()), k)
+        lab = np.full((n,), -1, np.int64)
+        lab[mask] = ok
+        label_txt = [
+            [str(v) if m else ""] for v, m in zip(lab.tolist(), mask.tolist(), strict=True)
+        ]
+        header = ["case_id", "image_id", "label"]
+    header += [f"score/{c}" for c in names]
+    # Shortest text that round-trips the scores' own float dtype (float32 stays short).
+    dtype = raw.dtype if raw.dtype in (np.float32, np.float64) else np.float64
+    score_txt = scores.astype(dtype).astype(str)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i in range(n):
+            w.writerow([case_ids[i], image_ids[i], *label_txt[i], *score_txt[i].tolist()])
+
+
+def read_predictions_csv(path: str | os.PathLike) -> Predictions:
+    """Read a CSV written by write_predictions_csv; errors name the file, row and column."""
+    path = os.fspath(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path}: empty predictions file (no header)")
+    header = rows[0]
+    if header[:2] != ["case_id", "image_id"]:
+        raise ValueError(f"{path}: header must start with case_id,image_id, got {header[:2]}")
+    score_cols = [i for i, h in enumerate(header) if h.startswith("score/")]
+    label_cols = [i for i, h in enumerate(header) if h == "label" or h.startswith("label/")]
+    names = tuple(header[i][len("score/") :] for i in score_cols)
+    if not names:
+        raise ValueError(f"{path}: no score/<class> columns in header")
+    multilabel = header[label_cols[0]] != "label" if label_cols else False
+    if multilabel:
+        label_names = tuple(header[i][len("label/") :] for i in label_cols)
+        if label_names != names:
+            raise ValueError(f"{path}: label columns {label_names} differ from scores {names}")
+    elif len(label_cols) != 1:
+        raise ValueError(f"{path}: expected one 'label' column or label/<class> columns")
+    if len(label_cols) + len(score_cols) + 2 != len(header):
+        raise ValueError(f"{path}: unexpected columns in header {header}")
+    body = rows[1:]
+    n, k = len(body), len(names)
+    scores = np.zeros((n, k), np.float64)
+    labels = np.zeros((n, k), np.float64) if multilabel else np.full((n,), -1, np.int64)
+    mask = np.zeros(labels.shape, bool)
+
+    def parse(row_no: int, col: int, text: str, kind: type):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(
+                f"{path}: row {row_no}, column {header[col]!r}: cannot parse {text!r}"
+            ) from None
+
+    for r, row in enumerate(body):
+        row_no = r + 2  # 1-based file line, header is line 1
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path}: row {row_no} has {len(row)} fields, header has {len(header)}"
+            )
+        for j, col in enumerate(score_cols):
+            scores[r, j] = parse(row_no, col, row[col], float)
+        for j, col in enumerate(label_cols):
+            if row[col] == "":
+                continue
+            if multilabel:
+                labels[r, j] = parse(row_no, col, row[col], float)
+                mask[r, j] = True
+            else:
+                labels[r] = parse(row_no, col, row[col], int)
+                mask[r] = True
+    return Predictions(
+        case_ids=[row[0] for row in body],
+        image_ids=[row[1] for row in body],
+        labels=labels,
+        label_mask=mask,
+        scores=scores,
+        class_names=names,
+    )
