@@ -23,8 +23,7 @@ from clu import metric_writers
 
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, predictions, sharding
-from medssl_jax.pretrain import Built
-from medssl_jax.train import TrainState, fit, make_init
+from medssl_jax.train import Built, TrainState, compile_train, fit, label_structs
 
 HEAD = "supervised_head"
 
@@ -84,12 +83,7 @@ def build(
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, head_only_mask)
     size = int(config.data.image_size)
 
-    init = make_init(model, tx, size)
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    step = make_train_step(model, tx, lr, label_kind=label_kind)
-    jitted = jax.jit(
-        step, in_shardings=(repl, data_sh), out_shardings=(repl, repl), donate_argnums=(0,)
-    )
 
     def eval_step(params, batch_stats, batch):
         out = model.apply(
@@ -100,24 +94,11 @@ def build(
     eval_jit = jax.jit(eval_step, in_shardings=(repl, repl, data_sh), out_shardings=repl)
     b = int(config.batch_size)
     abstract_batch = {
-        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data_sh)
+        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data_sh),
+        **label_structs(b, num_classes, label_kind, data_sh),
     }
-    if label_kind == "multilabel":
-        for k in ("label", "label_mask"):
-            abstract_batch[k] = jax.ShapeDtypeStruct(
-                (b, num_classes), jnp.float32, sharding=data_sh
-            )
-    else:
-        abstract_batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)
-    built = Built(
-        model=model,
-        tx=tx,
-        lr_schedule=lr,
-        step=jitted,
-        init=jax.jit(init, out_shardings=repl),
-        abstract_state=sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl),
-        abstract_batch=abstract_batch,
-    )
+    step = make_train_step(model, tx, lr, label_kind=label_kind)
+    built = compile_train(model, tx, lr, step, mesh, image_size=size, abstract_batch=abstract_batch)
     return built, eval_jit
 
 

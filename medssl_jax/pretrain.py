@@ -7,7 +7,6 @@ compiled ahead of time for a topology that is not attached.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,22 +18,9 @@ import optax
 
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, input_pipeline, losses, optim, sharding
-from medssl_jax.train import TrainState, fit, make_init, write_json
+from medssl_jax.train import Built, TrainState, compile_train, fit, label_structs, write_json
 
 PRETRAIN_KEYS = ("views", "label", "patient_key", "distinct")
-
-
-@dataclasses.dataclass
-class Built:
-    """A compiled-on-demand train step and what it needs, independent of data and devices."""
-
-    model: Any
-    tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule
-    step: Callable  # jitted (state, batch) -> (state, metrics), state donated
-    init: Callable  # jitted rng -> TrainState (replicated)
-    abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
-    abstract_batch: dict[str, jax.ShapeDtypeStruct]
 
 
 def batch_keys(label_kind: str) -> tuple[str, ...]:
@@ -120,9 +106,6 @@ def build(
         )
     size = int(config.data.image_size)
 
-    init = make_init(model, tx, size)
-    repl = sharding.replicated(mesh)
-    abstract_state = sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl)
     mask = config.get("micle", {}).get("same_patient", "exclude") == "mask"
     step = make_train_step(
         model,
@@ -132,35 +115,14 @@ def build(
         label_kind=label_kind,
         mask_same_patient=mask and config.method == "micle",
     )
-    jitted = jax.jit(
-        step,
-        in_shardings=(repl, sharding.batch_sharded(mesh)),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
-    b = int(config.batch_size)
-    data_sh = sharding.batch_sharded(mesh)
+    b, data_sh = int(config.batch_size), sharding.batch_sharded(mesh)
     abstract_batch = {
         "views": jax.ShapeDtypeStruct((b, 2, size, size, 3), jnp.float32, sharding=data_sh),
         "patient_key": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh),
         "distinct": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=data_sh),
+        **label_structs(b, num_classes, label_kind, data_sh),
     }
-    if label_kind == "multilabel":
-        for k in ("label", "label_mask"):
-            abstract_batch[k] = jax.ShapeDtypeStruct(
-                (b, num_classes), jnp.float32, sharding=data_sh
-            )
-    else:
-        abstract_batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)
-    return Built(
-        model=model,
-        tx=tx,
-        lr_schedule=lr,
-        step=jitted,
-        init=jax.jit(init, out_shardings=repl),
-        abstract_state=abstract_state,
-        abstract_batch=abstract_batch,
-    )
+    return compile_train(model, tx, lr, step, mesh, image_size=size, abstract_batch=abstract_batch)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ ETA, and `results.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +47,60 @@ class TrainState:
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+
+
+@dataclasses.dataclass
+class Built:
+    """A compiled-on-demand train step and what it needs, independent of data and devices."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+    init: Callable  # jitted rng -> TrainState (replicated)
+    abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
+
+
+def label_structs(
+    batch_size: int, num_classes: int, label_kind: str, data_sharding: Any
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract 'label' (and 'label_mask') of a global batch, as the input pipeline emits them."""
+    if label_kind == "multilabel":
+        shape, dtype, keys = (batch_size, num_classes), jnp.float32, ("label", "label_mask")
+    else:
+        shape, dtype, keys = (batch_size,), jnp.int32, ("label",)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding) for k in keys}
+
+
+def compile_train(
+    model: Any,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    step: Callable[[TrainState, dict], tuple[TrainState, dict]],
+    mesh: jax.sharding.Mesh,
+    *,
+    image_size: int,
+    abstract_batch: dict[str, jax.ShapeDtypeStruct],
+) -> Built:
+    """Jits `step` over `mesh` (state replicated and donated, batch sharded on 'data') and
+    the state initialiser; the abstract state allows lowering without allocating anything."""
+    repl = sharding.replicated(mesh)
+    init = make_init(model, tx, image_size)
+    return Built(
+        model=model,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        step=jax.jit(
+            step,
+            in_shardings=(repl, sharding.batch_sharded(mesh)),
+            out_shardings=(repl, repl),
+            donate_argnums=(0,),
+        ),
+        init=jax.jit(init, out_shardings=repl),
+        abstract_state=sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl),
+        abstract_batch=abstract_batch,
+    )
 
 
 def make_init(model: Any, tx: Any, image_size: int) -> Callable[[jax.Array], TrainState]:
