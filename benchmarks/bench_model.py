@@ -11,7 +11,6 @@ The batch is sharded over `--devices` devices on a 1-D Mesh('data') (jit + Named
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -167,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     print_table(res)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        from medssl_jax.train import write_json
+
+        write_json(os.path.abspath(args.out), res)
         print(f"wrote {args.out}")
     return 0
 

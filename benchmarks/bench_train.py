@@ -19,7 +19,6 @@ import argparse
 import ast
 import importlib.util
 import itertools
-import json
 import os
 import platform
 import resource
@@ -467,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print_table(report["results"])
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        from medssl_jax.train import write_json
+
+        write_json(os.path.abspath(args.out), report)
         print(f"wrote {args.out}")
     return 0
 

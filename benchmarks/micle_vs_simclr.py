@@ -1,13 +1,20 @@
 r"""MICLe vs SimCLR on the demo data at equal steps: pretrain, then linear evaluation.
 
   python benchmarks/micle_vs_simclr.py --seeds 0,1,2 --workdir runs/micle_vs_simclr \
-      --out benchmarks/results/micle_vs_simclr.json [--override num_steps=300 ...]
+      --out benchmarks/results/micle_vs_simclr.json [--stage1_steps 600] [--override k=v ...]
 
-For every seed, pretrains SimCLR and MICLe with configs/{simclr,micle}.py:demo (identical model,
-optimiser, augmentations and number of steps; only the positive pairs differ), then trains a
-linear classifier on each frozen backbone (configs/linear_eval.py:demo) and evaluates it on
-test and test_shifted. Prints a Markdown table (mean +- std over seeds, and per seed) and saves
-JSON. Runs already finished in --workdir are reused, so an interrupted benchmark continues.
+The paper's protocol (Azizi et al. 2021): the domain stage (SimCLR or MICLe on medical images)
+starts from a SimCLR checkpoint. For every seed this script
+  1. pretrains SimCLR for --stage1_steps (configs/simclr.py:demo), shared by both arms
+     (0 = both arms start from random weights);
+  2. continues from that checkpoint with SimCLR and with MICLe (configs/{simclr,micle}.py:demo:
+     identical model, optimiser, augmentations and number of steps; only the positive pairs
+     differ, and each arm starts a fresh optimiser);
+  3. trains a linear classifier on each frozen backbone (configs/linear_eval.py:demo), and on
+     the stage-1 checkpoint and on random weights as references, evaluating on validation,
+     test and test_shifted.
+Prints a Markdown table (mean +- std over seeds) and per-seed rows, and saves JSON. Runs already
+finished in --workdir are reused, so an interrupted benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+METHODS = ("simclr", "micle")  # compared arms
+REFERENCES = ("random", "stage1")  # context rows (linear eval only)
 
 
 def _set(c, key: str, value: str) -> None:
@@ -42,70 +52,102 @@ def _run(config, workdir: str) -> dict:
     return train.train_and_evaluate(config, workdir)
 
 
+def _table(rows: list[dict], names: list[str], n_seeds: int) -> tuple[str, dict]:
+    import numpy as np
+
+    metrics = [k for k in rows[0] if "/" in k]
+    summary = {}
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name in names:
+        vals = {k: [r[k] for r in rows if r["method"] == name] for k in metrics}
+        if not vals[metrics[0]]:
+            continue
+        summary[name] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in vals.items()}
+        mean_std = [summary[name][k] for k in metrics]
+        cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in mean_std)
+        lines.append(f"| {name} (n={n_seeds}) | {cells} |")
+    return "\n".join(lines), summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workdir", default="runs/micle_vs_simclr")
     p.add_argument("--out", default="")
+    p.add_argument("--stage1_steps", type=int, default=600, help="shared SimCLR stage (0: none)")
     p.add_argument("--override", nargs="*", default=[], help="pretraining config key=value")
     p.add_argument("--eval_override", nargs="*", default=[], help="linear-eval key=value")
     p.add_argument("--data_dir", default="")
     args = p.parse_args(argv)
+    if args.stage1_steps < 0:
+        p.error(f"--stage1_steps must be >= 0, got {args.stage1_steps}")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     import linear_eval
     import micle
-    import numpy as np
     import simclr
+
+    def pretrain_config(module, seed: int):
+        c = module.get_config("demo")
+        c.seed = seed
+        c.data.data_dir = args.data_dir
+        for kv in args.override:
+            _set(c, *kv.split("=", 1))
+        return c
+
+    def linear(seed: int, init_dir: str, name: str, workdir: str) -> dict:
+        e = linear_eval.get_config("demo")
+        e.seed = seed
+        e.data.data_dir = args.data_dir
+        e.init_checkpoint, e.init_name = init_dir, name
+        for kv in args.eval_override:
+            _set(e, *kv.split("=", 1))
+        ev = _run(e, workdir)
+        return {
+            **{f"{s}/top1": ev["splits"][s]["top1"] for s in ev["splits"]},
+            **{f"{s}/auc_mean": ev["splits"][s]["auc_mean"] for s in ev["splits"]},
+        }
 
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for seed in seeds:
+        stage1_dir = ""
+        ref_inits = {"random": ""}
+        if args.stage1_steps:
+            c = pretrain_config(simclr, seed)
+            c.num_steps = args.stage1_steps
+            stage1_dir = os.path.join(args.workdir, f"stage1_simclr_seed{seed}")
+            _run(c, stage1_dir)
+            ref_inits["stage1"] = stage1_dir
+        for name, init_dir in ref_inits.items():
+            lin_dir = os.path.join(args.workdir, f"{name}_seed{seed}_linear")
+            res = linear(seed, init_dir, name, lin_dir)
+            rows.append({"method": name, "seed": seed, **res})
+            print(json.dumps(rows[-1]), flush=True)
         for method, module in (("simclr", simclr), ("micle", micle)):
-            c = module.get_config("demo")
-            c.seed = seed
-            c.data.data_dir = args.data_dir
-            for kv in args.override:
-                _set(c, *kv.split("=", 1))
+            c = pretrain_config(module, seed)
+            c.init_checkpoint = stage1_dir
             pre_dir = os.path.join(args.workdir, f"{method}_seed{seed}")
             pre = _run(c, pre_dir)
-            e = linear_eval.get_config("demo")
-            e.seed = seed
-            e.data.data_dir = args.data_dir
-            e.init_checkpoint, e.init_name = pre_dir, method
-            for kv in args.eval_override:
-                _set(e, *kv.split("=", 1))
-            ev = _run(e, os.path.join(args.workdir, f"{method}_seed{seed}_linear"))
-            row = {
-                "method": method,
-                "seed": seed,
-                "pretrain_steps": pre["step"],
-                "contrastive_acc": pre["final_metrics"].get("contrastive_acc"),
-                **{f"{s}/top1": ev["splits"][s]["top1"] for s in ev["splits"]},
-                **{f"{s}/auc_mean": ev["splits"][s]["auc_mean"] for s in ev["splits"]},
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    metrics = [k for k in rows[0] if "/" in k]
-    summary = {}
-    lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    for method in ("simclr", "micle"):
-        vals = {k: [r[k] for r in rows if r["method"] == method] for k in metrics}
-        summary[method] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in vals.items()}
-        lines.append(
-            f"| {method} (n={len(seeds)}) | "
-            + " | ".join(
-                f"{summary[method][k][0]:.3f} ± {summary[method][k][1]:.3f}" for k in metrics
+            res = linear(seed, pre_dir, method, f"{pre_dir}_linear")
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "stage1_steps": args.stage1_steps,
+                    "steps": pre["step"],
+                    "contrastive_acc": pre["final_metrics"].get("contrastive_acc"),
+                    **res,
+                }
             )
-            + " |"
-        )
-    wins = sum(
-        next(r for r in rows if r["method"] == "micle" and r["seed"] == s)["test/top1"]
-        > next(r for r in rows if r["method"] == "simclr" and r["seed"] == s)["test/top1"]
-        for s in seeds
-    )
-    table = "\n".join(lines)
+            print(json.dumps(rows[-1]), flush=True)
+    table, summary = _table(rows, [*REFERENCES, *METHODS], len(seeds))
+
+    def top1(method: str, seed: int) -> float:
+        return next(r for r in rows if r["method"] == method and r["seed"] == seed)["test/top1"]
+
+    wins = sum(top1("micle", s) > top1("simclr", s) for s in seeds)
     print(table)
     print(f"MICLe beats SimCLR on test top-1 in {wins}/{len(seeds)} seeds")
     result = {
@@ -114,13 +156,15 @@ def main(argv: list[str] | None = None) -> dict:
         "table": table,
         "micle_wins": wins,
         "seeds": seeds,
+        "stage1_steps": args.stage1_steps,
         "overrides": args.override,
         "eval_overrides": args.eval_override,
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        from medssl_jax.train import write_json
+
+        write_json(os.path.abspath(args.out), result)
+        print(f"wrote {args.out}")
     return result
 
 

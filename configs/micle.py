@@ -6,6 +6,10 @@ Loss: the global NT-Xent of SimCLR. Epochs and progress count cases.
 
 Launch:
   python main.py --config=configs/micle.py:demo --workdir=/tmp/micle_demo
+  # the paper's order on the demo data: SimCLR first, then MICLe from its checkpoint
+  python main.py --config=configs/simclr.py:demo --workdir=/tmp/simclr_demo --config.num_steps=600
+  python main.py --config=configs/micle.py:demo --workdir=/tmp/micle_from_simclr \
+      --config.init_checkpoint=/tmp/simclr_demo --config.num_steps=1000
   python main.py --config=configs/micle.py:r152_2x --workdir=DIR \
       --config.data.manual_dir=/data/HAM10000 --config.init_checkpoint=/runs/simclr_derm
   python main.py --config=configs/micle.py:r50_1x,chexpert --workdir=DIR \

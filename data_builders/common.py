@@ -455,6 +455,33 @@ class CaseBuilderConfig(tfds.core.BuilderConfig):
     skip_bad_rows: bool = False
 
 
+@dataclasses.dataclass(eq=False)
+class SplitCaseBuilderConfig(CaseBuilderConfig):
+    """`split_fractions`: (split name, fraction) pairs of a created patient-level split."""
+
+    split_fractions: tuple[tuple[str, float], ...] = DEFAULT_SPLIT_FRACTIONS
+
+
+def case_features(
+    image: tfds.features.Image,
+    label: tfds.features.FeatureConnector | None = None,
+    **per_image: tfds.features.FeatureConnector,
+) -> tfds.features.FeaturesDict:
+    """The case schema every builder shares: `case_id`, `patient_id`, and per image (each a
+    Sequence over the case's images) `images`, `image_ids`, `label` (when given) and `per_image`."""
+    seq = tfds.features.Sequence
+    fields = {
+        "case_id": tfds.features.Text(),
+        "patient_id": tfds.features.Text(),
+        "images": seq(image),
+        "image_ids": seq(tfds.features.Text()),
+    }
+    if label is not None:
+        fields["label"] = seq(label)
+    fields.update({k: seq(v) for k, v in per_image.items()})
+    return tfds.features.FeaturesDict(fields)
+
+
 class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the real-data builders: `skip_bad_rows` option and skipped-row metadata.
 

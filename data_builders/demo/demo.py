@@ -33,10 +33,11 @@ class DemoConfig(tfds.core.BuilderConfig):
 class Demo(tfds.core.GeneratorBasedBuilder):
     """Synthetic lesions: class = lesion pattern; per-image viewpoint/lighting/skin nuisance."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "First version.",
         "1.1.0": "Lesion colour varies per image; stronger class patterns.",
+        "1.2.0": "Coarser class patterns, larger lesions, less per-image blur.",
     }
     BUILDER_CONFIGS = [
         DemoConfig(name="default", description="64x64 images, ~620/170/170/150 cases."),

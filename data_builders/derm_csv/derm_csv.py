@@ -49,7 +49,7 @@ split columns when configured. Column names and the rest are set by DermCsvConfi
 
 
 @dataclasses.dataclass(eq=False)
-class DermCsvConfig(common.CaseBuilderConfig):
+class DermCsvConfig(common.SplitCaseBuilderConfig):
     """Columns and options of a CSV-described dermatology set (see module docstring)."""
 
     csv_file: str = "labels.csv"  # relative to the manual dir, or absolute
@@ -61,7 +61,6 @@ class DermCsvConfig(common.CaseBuilderConfig):
     class_names: tuple[str, ...] | None = None  # None: sorted distinct labels
     image_root: str | None = None  # base of relative image paths; None: the CSV's folder
     delimiter: str = ","
-    split_fractions: tuple[tuple[str, float], ...] = common.DEFAULT_SPLIT_FRACTIONS
     settings_file: str | None = "derm_csv.json"  # optional JSON overrides in the manual dir
 
 
@@ -78,15 +77,7 @@ class DermCsv(common.CaseBuilder):
         label = tfds.features.ClassLabel(names=list(names)) if names else tfds.features.ClassLabel()
         return self.dataset_info_from_configs(
             description="Dermatology cases from a CSV (one example per case, per-image labels).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "case_id": tfds.features.Text(),
-                    "patient_id": tfds.features.Text(),
-                    "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
-                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
-                    "label": tfds.features.Sequence(label),
-                }
-            ),
+            features=common.case_features(tfds.features.Image(shape=(None, None, 3)), label),
             metadata=tfds.core.MetadataDict(),
         )
 

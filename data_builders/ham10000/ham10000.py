@@ -8,8 +8,6 @@ cannot catch). No official split: train / validation / test are assigned per les
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -41,11 +39,8 @@ manual_dir:
 """
 
 
-@dataclasses.dataclass(eq=False)
-class Ham10000Config(common.CaseBuilderConfig):
-    """`split_fractions`: (split name, fraction) pairs of the lesion-level split."""
-
-    split_fractions: tuple[tuple[str, float], ...] = common.DEFAULT_SPLIT_FRACTIONS
+class Ham10000Config(common.SplitCaseBuilderConfig):
+    """The lesion-level split by `split_fractions`."""
 
 
 class Ham10000(common.CaseBuilder):
@@ -63,22 +58,13 @@ class Ham10000(common.CaseBuilder):
                 "dx label (7 classes), dx_type, age (-1 unknown), sex, localization. "
                 "patient_id = lesion_id (no patient ids in the data)."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "case_id": tfds.features.Text(),
-                    "patient_id": tfds.features.Text(),
-                    "images": tfds.features.Sequence(
-                        tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")
-                    ),
-                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
-                    "label": tfds.features.Sequence(tfds.features.ClassLabel(names=list(CLASSES))),
-                    "dx_type": tfds.features.Sequence(
-                        tfds.features.ClassLabel(names=list(DX_TYPES))
-                    ),
-                    "age": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
-                    "sex": tfds.features.Sequence(tfds.features.ClassLabel(names=list(SEXES))),
-                    "localization": tfds.features.Sequence(tfds.features.Text()),
-                }
+            features=common.case_features(
+                tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                tfds.features.ClassLabel(names=list(CLASSES)),
+                dx_type=tfds.features.ClassLabel(names=list(DX_TYPES)),
+                age=tfds.features.Scalar(dtype=np.int32),
+                sex=tfds.features.ClassLabel(names=list(SEXES)),
+                localization=tfds.features.Text(),
             ),
             homepage="https://doi.org/10.7910/DVN/DBW86T",
             metadata=tfds.core.MetadataDict(),

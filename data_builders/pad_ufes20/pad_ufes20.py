@@ -7,8 +7,6 @@ split: train / validation / test are assigned per PATIENT with
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -38,11 +36,8 @@ image zips inside) and give the folder holding metadata.csv as manual_dir:
 """
 
 
-@dataclasses.dataclass(eq=False)
-class PadUfes20Config(common.CaseBuilderConfig):
-    """`split_fractions`: (split name, fraction) pairs of the patient-level split."""
-
-    split_fractions: tuple[tuple[str, float], ...] = common.DEFAULT_SPLIT_FRACTIONS
+class PadUfes20Config(common.SplitCaseBuilderConfig):
+    """The patient-level split by `split_fractions`."""
 
 
 class PadUfes20(common.CaseBuilder):
@@ -60,21 +55,14 @@ class PadUfes20(common.CaseBuilder):
                 "per-image diagnostic label (6 classes), age (-1 unknown), gender and region "
                 "('unknown' when blank), fitspatrick (-1 unknown), biopsed (1/0, -1 unknown)."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "case_id": tfds.features.Text(),
-                    "patient_id": tfds.features.Text(),
-                    "images": tfds.features.Sequence(
-                        tfds.features.Image(shape=(None, None, 3), encoding_format="png")
-                    ),
-                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
-                    "label": tfds.features.Sequence(tfds.features.ClassLabel(names=list(CLASSES))),
-                    "age": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
-                    "gender": tfds.features.Sequence(tfds.features.Text()),
-                    "region": tfds.features.Sequence(tfds.features.Text()),
-                    "fitspatrick": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
-                    "biopsed": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
-                }
+            features=common.case_features(
+                tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                tfds.features.ClassLabel(names=list(CLASSES)),
+                age=tfds.features.Scalar(dtype=np.int32),
+                gender=tfds.features.Text(),
+                region=tfds.features.Text(),
+                fitspatrick=tfds.features.Scalar(dtype=np.int32),
+                biopsed=tfds.features.Scalar(dtype=np.int32),
             ),
             homepage="https://data.mendeley.com/datasets/zr7vgbcyr2/1",
             metadata=tfds.core.MetadataDict(),
