@@ -103,10 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
         e.init_checkpoint, e.init_name = init_dir, name
         for kv in args.eval_override:
             _set(e, *kv.split("=", 1))
-        ev = _run(e, workdir)
+        splits = _run(e, workdir)["splits"]
+        # Sorted: a run reloaded from results.json lists its splits in another order.
         return {
-            **{f"{s}/top1": ev["splits"][s]["top1"] for s in ev["splits"]},
-            **{f"{s}/auc_mean": ev["splits"][s]["auc_mean"] for s in ev["splits"]},
+            **{f"{s}/top1": splits[s]["top1"] for s in sorted(splits)},
+            **{f"{s}/auc_mean": splits[s]["auc_mean"] for s in sorted(splits)},
         }
 
     seeds = [int(s) for s in args.seeds.split(",")]
