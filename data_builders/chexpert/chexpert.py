@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import registered
 
-from data_builders import common
+from data_builders import case_builder, common
 
 # CSV column order of the 14 findings, and their feature keys.
 FINDINGS: tuple[str, ...] = (
@@ -70,13 +70,13 @@ folder itself also works. Expected files:
 
 
 @dataclasses.dataclass(eq=False)
-class ChexpertConfig(common.CaseBuilderConfig):
+class ChexpertConfig(case_builder.CaseBuilderConfig):
     """`case_level`: 'study' (one case per study) or 'patient' (all studies of a patient)."""
 
     case_level: str = "study"
 
 
-class Chexpert(common.CaseBuilder, skip_registration=True):
+class Chexpert(case_builder.CaseBuilder, skip_registration=True):
     """CheXpert chest X-rays grouped into cases, all 14 findings with their 4 states."""
 
     name = "chexpert"

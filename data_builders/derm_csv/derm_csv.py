@@ -20,7 +20,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_builders import common
+from data_builders import case_builder, common
 
 # Settings a JSON file in the manual dir may give.
 SETTINGS = (
@@ -49,7 +49,7 @@ split columns when configured. Column names and the rest are set by DermCsvConfi
 
 
 @dataclasses.dataclass(eq=False)
-class DermCsvConfig(common.SplitCaseBuilderConfig):
+class DermCsvConfig(case_builder.SplitCaseBuilderConfig):
     """Columns and options of a CSV-described dermatology set (see module docstring)."""
 
     csv_file: str = "labels.csv"  # relative to the manual dir, or absolute
@@ -64,7 +64,7 @@ class DermCsvConfig(common.SplitCaseBuilderConfig):
     settings_file: str | None = "derm_csv.json"  # optional JSON overrides in the manual dir
 
 
-class DermCsv(common.CaseBuilder):
+class DermCsv(case_builder.CaseBuilder):
     """Multi-class dermatology cases from a CSV with configurable columns."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -77,7 +77,7 @@ class DermCsv(common.CaseBuilder):
         label = tfds.features.ClassLabel(names=list(names)) if names else tfds.features.ClassLabel()
         return self.dataset_info_from_configs(
             description="Dermatology cases from a CSV (one example per case, per-image labels).",
-            features=common.case_features(tfds.features.Image(shape=(None, None, 3)), label),
+            features=case_builder.case_features(tfds.features.Image(shape=(None, None, 3)), label),
             metadata=tfds.core.MetadataDict(),
         )
 

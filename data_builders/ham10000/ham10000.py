@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_builders import common
+from data_builders import case_builder, common
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DX_TYPES: tuple[str, ...] = ("confocal", "consensus", "follow_up", "histo")
@@ -39,11 +39,11 @@ manual_dir:
 """
 
 
-class Ham10000Config(common.SplitCaseBuilderConfig):
+class Ham10000Config(case_builder.SplitCaseBuilderConfig):
     """The lesion-level split by `split_fractions`."""
 
 
-class Ham10000(common.CaseBuilder):
+class Ham10000(case_builder.CaseBuilder):
     """HAM10000 lesions (7 classes), one case per lesion_id with all its images."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -58,7 +58,7 @@ class Ham10000(common.CaseBuilder):
                 "dx label (7 classes), dx_type, age (-1 unknown), sex, localization. "
                 "patient_id = lesion_id (no patient ids in the data)."
             ),
-            features=common.case_features(
+            features=case_builder.case_features(
                 tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
                 tfds.features.ClassLabel(names=list(CLASSES)),
                 dx_type=tfds.features.ClassLabel(names=list(DX_TYPES)),

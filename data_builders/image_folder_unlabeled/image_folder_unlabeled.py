@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_builders import common
+from data_builders import case_builder, common
 
 SETTINGS = ("case_level", "patient_level", "heldout_fraction", "extensions", "skip_bad_rows")
 
@@ -35,7 +35,7 @@ level 0; 'study': case = level 1, patient = level 0; 'image': every image is a c
 
 
 @dataclasses.dataclass(eq=False)
-class ImageFolderConfig(common.CaseBuilderConfig):
+class ImageFolderConfig(case_builder.CaseBuilderConfig):
     """Directory levels of case / patient, held-out fraction, image channels (1 or 3)."""
 
     case_level: int | None = 0
@@ -46,7 +46,7 @@ class ImageFolderConfig(common.CaseBuilderConfig):
     settings_file: str | None = "image_folder_unlabeled.json"
 
 
-class ImageFolderUnlabeled(common.CaseBuilder):
+class ImageFolderUnlabeled(case_builder.CaseBuilder):
     """Unlabeled image tree grouped into cases by directory level."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_builders import common
+from data_builders import case_builder, common
 
 CLASSES: tuple[str, ...] = ("ACK", "BCC", "MEL", "NEV", "SCC", "SEK")
 _COLUMNS = ("patient_id", "lesion_id", "img_id", "diagnostic", "age", "gender", "region")
@@ -36,11 +36,11 @@ image zips inside) and give the folder holding metadata.csv as manual_dir:
 """
 
 
-class PadUfes20Config(common.SplitCaseBuilderConfig):
+class PadUfes20Config(case_builder.SplitCaseBuilderConfig):
     """The patient-level split by `split_fractions`."""
 
 
-class PadUfes20(common.CaseBuilder):
+class PadUfes20(case_builder.CaseBuilder):
     """PAD-UFES-20 lesions (6 classes), one case per lesion, patient-level splits."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -55,7 +55,7 @@ class PadUfes20(common.CaseBuilder):
                 "per-image diagnostic label (6 classes), age (-1 unknown), gender and region "
                 "('unknown' when blank), fitspatrick (-1 unknown), biopsed (1/0, -1 unknown)."
             ),
-            features=common.case_features(
+            features=case_builder.case_features(
                 tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
                 tfds.features.ClassLabel(names=list(CLASSES)),
                 age=tfds.features.Scalar(dtype=np.int32),
