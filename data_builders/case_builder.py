@@ -1,4 +1,4 @@
-"""Base classes and schema of the real-data TFDS builders: the `skip_bad_rows` option, the
+"""Base classes and schema of the TFDS builders: the `skip_bad_rows` option (real data), the
 created-split fractions, the shared case features (one example = one MICLe bag) and the
 `finish` step that records skipped rows and split counts (see common.py for the bad-row policy).
 """

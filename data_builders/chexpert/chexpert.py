@@ -102,21 +102,14 @@ class Chexpert(case_builder.CaseBuilder, skip_registration=True):
                 f"{self.builder_config.case_level}; per-image findings (4 states), sex, age, "
                 "view (frontal/lateral) and AP/PA. Blank finding = not_mentioned."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "case_id": tfds.features.Text(),
-                    "patient_id": tfds.features.Text(),
-                    "images": tfds.features.Sequence(
-                        tfds.features.Image(shape=(None, None, 1), encoding_format="jpeg")
-                    ),
-                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
-                    "study_ids": tfds.features.Sequence(tfds.features.Text()),
-                    "findings": tfds.features.Sequence(findings),
-                    "sex": tfds.features.Sequence(tfds.features.ClassLabel(names=list(SEXES))),
-                    "age": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
-                    "view": tfds.features.Sequence(tfds.features.ClassLabel(names=list(VIEWS))),
-                    "ap_pa": tfds.features.Sequence(tfds.features.ClassLabel(names=list(AP_PA))),
-                }
+            features=case_builder.case_features(
+                tfds.features.Image(shape=(None, None, 1), encoding_format="jpeg"),
+                study_ids=tfds.features.Text(),
+                findings=findings,
+                sex=tfds.features.ClassLabel(names=list(SEXES)),
+                age=tfds.features.Scalar(dtype=np.int32),
+                view=tfds.features.ClassLabel(names=list(VIEWS)),
+                ap_pa=tfds.features.ClassLabel(names=list(AP_PA)),
             ),
             homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
             metadata=tfds.core.MetadataDict(),

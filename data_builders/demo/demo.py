@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_builders import case_builder
 from data_builders.demo import render
 from medssl_jax.data_splits import patient_split
 
@@ -55,18 +56,9 @@ class Demo(tfds.core.GeneratorBasedBuilder):
         s = self.builder_config.image_size
         return self.dataset_info_from_configs(
             description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "case_id": tfds.features.Text(),
-                    "patient_id": tfds.features.Text(),
-                    "images": tfds.features.Sequence(
-                        tfds.features.Image(shape=(s, s, 3), encoding_format="png")
-                    ),
-                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
-                    "label": tfds.features.Sequence(
-                        tfds.features.ClassLabel(names=list(render.CLASS_NAMES))
-                    ),
-                }
+            features=case_builder.case_features(
+                tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
+                tfds.features.ClassLabel(names=list(render.CLASS_NAMES)),
             ),
             homepage="https://github.com/google-research/simclr",
         )

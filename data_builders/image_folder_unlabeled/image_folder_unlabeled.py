@@ -69,16 +69,7 @@ class ImageFolderUnlabeled(case_builder.CaseBuilder):
             raise ValueError(f"image_folder_unlabeled: channels must be 1 or 3, got {channels}")
         return self.dataset_info_from_configs(
             description="Unlabeled images from a folder tree, cases by directory level.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "case_id": tfds.features.Text(),
-                    "patient_id": tfds.features.Text(),
-                    "images": tfds.features.Sequence(
-                        tfds.features.Image(shape=(None, None, channels))
-                    ),
-                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
-                }
-            ),
+            features=case_builder.case_features(tfds.features.Image(shape=(None, None, channels))),
             metadata=tfds.core.MetadataDict(),
         )
 
