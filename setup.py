@@ -1,12 +1,14 @@
-"""medssl_jax: big self-supervised models (SimCLR, MICLe) for medical image classification in JAX."""
+"""medssl_jax: big self-supervised models (SimCLR, MICLe, SwAV, DINO) for medical imaging in JAX."""
 
 import setuptools
 
 setuptools.setup(
     name="medssl_jax",
     version="0.1.0",
-    description="SimCLR / MICLe pretraining and fine-tuning for medical imaging in JAX/Flax.",
-    packages=setuptools.find_packages(include=["medssl_jax", "medssl_jax.*", "data_builders", "data_builders.*"]),
+    description="SimCLR, MICLe, SwAV, DINO pretraining and fine-tuning for medical imaging in JAX.",
+    packages=setuptools.find_packages(
+        include=["medssl_jax", "medssl_jax.*", "data_builders", "data_builders.*"]
+    ),
     package_data={"data_builders": ["*/dummy_data/**/*", "*/*.txt", "*/*.tsv"]},
     include_package_data=True,
     python_requires=">=3.10,<3.14",

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     print_table(res)
     if args.out:
-        from medssl_jax.train import write_json
+        from medssl_jax.loop import write_json
 
         write_json(os.path.abspath(args.out), res)
         print(f"wrote {args.out}")

@@ -36,8 +36,6 @@ import numpy as np  # noqa: E402
 from medssl_jax import config_lib, pretrain, sharding  # noqa: E402
 from medssl_jax.models import count_params, get_variant  # noqa: E402
 
-IMAGES_PER_EXAMPLE = 2  # two views per example
-
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:variants]` -> the file's get_config(variants), as main.py reads it."""
@@ -187,7 +185,7 @@ def synthetic_batch(
     rng = np.random.default_rng(seed)
     batch = {}
     for k, a in abstract_batch.items():
-        if k == "views":
+        if k in ("views", "local_views"):
             x = rng.uniform(size=a.shape).astype(a.dtype)
         elif k == "patient_key":
             x = np.arange(a.shape[0], dtype=a.dtype)
@@ -318,7 +316,10 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
         )
     median = float(np.median(times))
     global_batch = int(config.batch_size)
-    images_per_s = global_batch * IMAGES_PER_EXAMPLE / median
+    from medssl_jax import methods
+
+    views = methods.get(config.method).views(config)
+    images_per_s = global_batch * views.images_per_example / median  # all crops, any size
     flops = _flops(compiled)
     del state, batch, compiled, lowered
     return dict(
@@ -359,17 +360,16 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
 
 def bench_pipeline(config: ml_collections.ConfigDict, store: Any, batches: int) -> dict[str, float]:
     """Augmented images/s of `input_pipeline.pretrain_dataset` on `store` (no training)."""
-    from medssl_jax import input_pipeline
+    from medssl_jax import input_pipeline, methods
 
-    micle = config.method == "micle"
+    views = methods.get(config.method).views(config)
     ds, _ = input_pipeline.pretrain_dataset(
         store,
         batch_size=int(config.batch_size) // jax.process_count(),
-        image_size=int(config.data.image_size),
+        views=views,
         aug=config_lib.augment_kwargs(config),
         seed=int(config.seed),
-        multi_instance=micle,
-        patient_unique=micle and config.micle.same_patient == "exclude",
+        **pretrain.sampler_options(config),
     )
     it = ds.as_numpy_iterator()
     for _ in range(2):  # tracing, thread pool start-up, autotuning
@@ -377,7 +377,7 @@ def bench_pipeline(config: ml_collections.ConfigDict, store: Any, batches: int) 
     t0 = time.perf_counter()
     n = 0
     for _ in range(batches):
-        n += next(it)["views"].shape[0] * IMAGES_PER_EXAMPLE
+        n += next(it)["views"].shape[0] * views.images_per_example
     seconds = time.perf_counter() - t0
     return dict(pipeline_images_per_s=n / seconds, pipeline_batches=batches)
 
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print_table(report["results"])
     if args.out:
-        from medssl_jax.train import write_json
+        from medssl_jax.loop import write_json
 
         write_json(os.path.abspath(args.out), report)
         print(f"wrote {args.out}")

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_overrides": args.eval_override,
     }
     if args.out:
-        from medssl_jax.train import write_json
+        from medssl_jax.loop import write_json
 
         write_json(os.path.abspath(args.out), result)
         print(f"wrote {args.out}")

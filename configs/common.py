@@ -9,6 +9,10 @@ ARCHITECTURES = {
     "r152_2x": "r152_2x_sk0",
     "r152_3x_sk1": "r152_3x_sk1",
     "tiny": "r18_0.125x_sk0",
+    # Vision Transformers as DINO releases them (Truong et al. compare ViT-S/16 features).
+    "vit_s16": "vit_s16",
+    "vit_b16": "vit_b16",
+    "vit_tiny": "vit_tiny",
 }
 
 
@@ -26,6 +30,10 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.model.ft_proj_selector = 0
     c.model.bn_momentum = 0.9
     c.model.cifar_stem = False  # 3x3 stride-1 stem without max-pool, for tiny images
+    # ViT backbones: features = CLS tokens of the last N blocks (+ mean patch token). Heads
+    # read the final CLS token while pretraining; evaluation uses DINO's 4 (see supervised).
+    c.model.vit_n_last_blocks = 1
+    c.model.vit_avgpool = False
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "demo"
@@ -35,6 +43,9 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.data.options = ml_collections.ConfigDict()  # read-time options (e.g. CheXpert uncertainty)
     c.data.image_size = 224
     c.data.fraction_seed = 0
+    # Pretraining reads every image; only this fraction of cases shows its labels (online
+    # probe, hybrid supervision). Fine-tuning keeps just those cases.
+    c.data.label_fraction = 1.0
 
     c.augment = ml_collections.ConfigDict()
     c.augment.recipe = "simclr"  # documentation only: the fields below are what is applied
@@ -46,7 +57,24 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.augment.color_jitter_prob = 0.8
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.temperature = 0.1
+    c.loss.temperature = 0.1  # NT-Xent (SimCLR); the other methods' live in their own section
+
+    # Which images form an example's crops. multi_instance: the two global crops come from two
+    # DISTINCT images of one case (MICLe, Azizi et al.), for any method; epochs count cases.
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.multi_instance = False
+    # 'exclude': no global batch holds two cases of one patient (REFERENCE.md, MICLe);
+    # 'mask': allow them but drop same-patient pairs from NT-Xent's negatives (for datasets whose
+    # cases are much smaller than patients); 'allow': plain batches. Multi-instance only.
+    c.sampler.same_patient = "exclude"
+
+    # Crops per example: 2 global crops at data.image_size, plus num_local local crops
+    # (multi-crop: SwAV, DINO, hybrid). Areas are fractions of the image (SimCLR: 0.08-1).
+    c.crops = ml_collections.ConfigDict()
+    c.crops.global_area = (0.08, 1.0)
+    c.crops.num_local = 0
+    c.crops.local_size = 96
+    c.crops.local_area = (0.05, 0.14)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "lars"
@@ -115,31 +143,39 @@ def demo(c: ml_collections.ConfigDict) -> None:
 
 
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, dataset_variants: dict) -> None:
-    """Applies comma-separated variant names (architectures and datasets) in order."""
+    """Applies comma-separated variant names (architectures, datasets, 'micle') in order."""
     for name in filter(None, (arg or "").split(",")):
-        if name in ARCHITECTURES:
+        if name == "micle" and "sampler" in c:
+            micle(c)
+        elif name in ARCHITECTURES:
             c.model.variant = ARCHITECTURES[name]
         elif name in dataset_variants:
             dataset_variants[name](c)
         else:
             valid = sorted(ARCHITECTURES) + sorted(dataset_variants)
+            valid += ["micle"] if "sampler" in c else []
             raise ValueError(f"unknown config variant {name!r}; valid: {valid}")
 
 
-def micle_defaults() -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    # 'exclude': no global batch holds two cases of one patient (REFERENCE.md, MICLe);
-    # 'mask': allow them but drop same-patient pairs from the negatives (for datasets whose
-    # cases are much smaller than patients); 'allow': plain NT-Xent.
-    m.same_patient = "exclude"
-    return m
+def micle(c: ml_collections.ConfigDict) -> None:
+    """Multi-instance pairing (MICLe) for any method: global crops from two images of a case."""
+    c.sampler.multi_instance = True
+
+
+def multi_crop(c: ml_collections.ConfigDict, num_local: int = 6, local_size: int = 96) -> None:
+    """SwAV/DINO multi-crop: 2 global crops (area 0.14-1) + `num_local` local (0.05-0.14)."""
+    c.crops.global_area = (0.14, 1.0)
+    c.crops.num_local = num_local
+    c.crops.local_size = local_size
+    c.crops.local_area = (0.05, 0.14)
 
 
 def supervised_config(method: str) -> ml_collections.ConfigDict:
     """Fine-tuning / linear-evaluation defaults (SimCLR's fine-tune recipe unless noted)."""
     c = pretrain_config(method)
-    del c.loss, c.linear_probe, c.init_parts
+    del c.loss, c.linear_probe, c.init_parts, c.sampler, c.crops
     c.model.dtype = "float32"
+    c.model.vit_n_last_blocks = 4  # DINO's linear-eval protocol for ViT-S/16 (1536-d)
     c.augment = ml_collections.ConfigDict()
     c.augment.crop = True  # fine-tune augmentations: crop + flip (REFERENCE.md)
     c.augment.flip = True

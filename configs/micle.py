@@ -1,8 +1,10 @@
 r"""MICLe: multi-instance contrastive pretraining (Azizi et al. 2021), the paper's own method.
 
-A batch is drawn over cases (bags): a case with >= 2 images gives two DISTINCT images (re-drawn
-at every visit), each fully augmented; a single-image case gives two views of its one image.
-Loss: the global NT-Xent of SimCLR. Epochs and progress count cases.
+MICLe is SimCLR with multi-instance pairing (`sampler.multi_instance=True`): a batch is drawn
+over cases (bags); a case with >= 2 images gives two DISTINCT images (re-drawn at every visit),
+each fully augmented; a single-image case gives two views of its one image. Loss: the global
+NT-Xent of SimCLR. Epochs and progress count cases. The same pairing works for every method
+(`configs/swav.py:demo,micle`, `configs/dino.py:demo,micle`).
 
 Launch:
   python main.py --config=configs/micle.py:demo --workdir=/tmp/micle_demo
@@ -33,8 +35,8 @@ import common  # noqa: E402
 
 
 def get_config(arg: str | None = None):
-    c = common.pretrain_config("micle")
-    c.micle = common.micle_defaults()
+    c = common.pretrain_config("simclr")
+    common.micle(c)
     # Dermatology recipe (REFERENCE.md). Unverified choices, documented:
     c.data.name = "ham10000"  # public stand-in for the paper's private derm set (case = lesion)
     c.data.image_size = 448  # unverified: derm pretraining resolution

@@ -159,16 +159,23 @@ def center_crop(image: tf.Tensor, image_size: int, crop_proportion: float) -> tf
     return tf.image.resize(image, [image_size, image_size], method="bicubic")
 
 
-def random_crop_and_resize(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Inception-style random crop (area 0.08-1, aspect 3/4-4/3, 100 attempts, whole image as
-    fallback) then bicubic resize to ``[image_size, image_size, 3]`` (not clipped)."""
+def random_crop_and_resize(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    image_size: int,
+    area_range: tuple[float, float] = _CROP_AREA_RANGE,
+) -> tf.Tensor:
+    """Inception-style random crop (area ``area_range``, default 0.08-1; aspect 3/4-4/3; 100
+    attempts; whole image as fallback) then bicubic resize to ``[image_size, image_size, 3]``
+    (not clipped). Multi-crop uses e.g. (0.14, 1) for global and (0.05, 0.14) for local crops.
+    """
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]], tf.float32),
         seed=seed,
-        min_object_covered=_CROP_MIN_OBJECT_COVERED,
+        min_object_covered=min(_CROP_MIN_OBJECT_COVERED, float(area_range[0])),
         aspect_ratio_range=_CROP_ASPECT_RANGE,
-        area_range=_CROP_AREA_RANGE,
+        area_range=tuple(float(a) for a in area_range),
         max_attempts=_CROP_MAX_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
@@ -330,11 +337,12 @@ def pretrain_view(
     flip: bool = True,
     grayscale_prob: float = 0.2,
     color_jitter_prob: float = 0.8,
+    area_range: tuple[float, float] = _CROP_AREA_RANGE,
 ) -> tf.Tensor:
     """One SimCLR pretraining view of ``image`` ([H, W, 3] uint8/float) for ``seed`` ([2] int).
 
     Returns float32 ``[image_size, image_size, 3]`` in [0, 1]. ``recipe(name)`` gives the
-    keyword sets used in the paper.
+    keyword sets used in the paper; ``area_range`` is the crop's area fraction (multi-crop).
     """
     image_size = _check_image_size(image_size)
     color_strength = _check_strength(color_strength)
@@ -344,7 +352,8 @@ def pretrain_view(
     seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=_NUM_SLOTS)
     x = to_float_image(image)
 
-    x = tf.clip_by_value(random_crop_and_resize(x, seeds[_CROP], image_size), 0.0, 1.0)
+    x = random_crop_and_resize(x, seeds[_CROP], image_size, area_range)
+    x = tf.clip_by_value(x, 0.0, 1.0)
     x = _random_rotate(x, seeds[_ROTATE], rotation_degrees)
     if flip:
         x = tf.image.stateless_random_flip_left_right(x, seeds[_FLIP])

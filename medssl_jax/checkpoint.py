@@ -135,7 +135,11 @@ def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
 
 
 def load_variables(path: str) -> tuple[dict, dict, int]:
-    """(params, batch_stats, step) of the latest checkpoint at `path`, as host NumPy trees."""
+    """(params, batch_stats, step) of the latest checkpoint at `path`, as host NumPy trees.
+
+    A run with an EMA teacher (DINO: `extra['teacher']`) gives the teacher's network, which
+    is the one DINO evaluates and transfers.
+    """
     mngr, step = _checkpoint_dir(path)
     # Restore onto one local device whatever topology saved it (a pod's pretraining run
     # warm-starts fine-tuning on a single GPU or a laptop).
@@ -145,6 +149,10 @@ def load_variables(path: str) -> tuple[dict, dict, int]:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
     state = jax.device_get(restored.state)
+    teacher = (state.get("extra") or {}).get("teacher")
+    if teacher:
+        logging.info("%s holds an EMA teacher: using the teacher's weights", path)
+        return dict(teacher["params"]), dict(teacher.get("batch_stats", {})), step
     return dict(state["params"]), dict(state.get("batch_stats", {})), step
 
 
@@ -164,7 +172,7 @@ def merge_pretrained(
     """
     out = dict(target)
     for part in parts:
-        if part not in target:
+        if part not in target or (part == "projection_head" and proj_layers == 0):
             continue
         if part not in source:
             raise KeyError(f"pretrained {what} have no {part!r} (have {sorted(source)})")

@@ -14,7 +14,7 @@ import ml_collections
 
 from medssl_jax import optim
 
-METHODS = ("simclr", "micle", "finetune", "linear_eval")
+SUPERVISED = ("finetune", "linear_eval")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAME_PATIENT = ("exclude", "mask", "allow")
 AUGMENT_KEYS = (
@@ -39,11 +39,11 @@ def _require(cond: bool, field: str, msg: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every field the stages read; raises ConfigError naming the first bad one."""
     from data_builders import KNOWN
+    from medssl_jax import methods
     from medssl_jax.models import get_variant
 
-    _require(
-        config.get("method") in METHODS, "method", f"{config.get('method')!r} not in {METHODS}"
-    )
+    known = methods.names() + SUPERVISED
+    _require(config.get("method") in known, "method", f"{config.get('method')!r} not in {known}")
     _require(int(config.batch_size) > 0, "batch_size", f"must be > 0, got {config.batch_size}")
     steps_ok = int(config.get("num_steps", -1)) > 0 or float(config.get("num_epochs", 0)) > 0
     _require(steps_ok, "num_steps", "set num_steps > 0 or num_epochs > 0")
@@ -69,13 +69,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(float(config.optim.base_learning_rate) > 0, "optim.base_learning_rate", "must be > 0")
     for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(int(config[f]) > 0, f, f"must be > 0, got {config[f]}")
-    if config.method in ("simclr", "micle"):
-        _require(float(config.loss.temperature) > 0, "loss.temperature", "must be > 0")
+    if config.method in methods.names():
         for k in AUGMENT_KEYS:
             _require(k in config.augment, f"augment.{k}", "missing")
-    if config.method == "micle":
-        sp = config.micle.same_patient
-        _require(sp in SAME_PATIENT, "micle.same_patient", f"{sp!r} not in {SAME_PATIENT}")
+        _require("sampler" in config, "sampler", "missing (multi_instance, same_patient)")
+        sp = config.sampler.same_patient
+        _require(sp in SAME_PATIENT, "sampler.same_patient", f"{sp!r} not in {SAME_PATIENT}")
+        method = methods.get(config.method)
+        if method.defaults() is not None:
+            _require(method.name in config, method.name, "missing: the method's config section")
+        method.validate(config, _require)
     path = config.get("init_checkpoint", "")
     if path:
         _require(os.path.exists(path), "init_checkpoint", f"{path!r} does not exist")
@@ -93,6 +96,8 @@ def model_from_config(config: ml_collections.ConfigDict, *, num_classes: int, **
         dtype=DTYPES[m.dtype],
         bn_momentum=float(m.get("bn_momentum", 0.9)),
         cifar_stem=bool(m.get("cifar_stem", False)),
+        vit_n_last_blocks=int(m.get("vit_n_last_blocks", 1)),
+        vit_avgpool=bool(m.get("vit_avgpool", False)),
     )
     fields.update(overrides)
     return create_model(m.variant, num_classes=num_classes, **fields)

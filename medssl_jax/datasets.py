@@ -356,6 +356,7 @@ def load(
     fraction_seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    unlabel_rest: bool = False,
 ) -> tuple[tf.data.Dataset, DataSpec]:
     """Per-case dataset, deterministic order, not shuffled, not repeated.
 
@@ -363,7 +364,9 @@ def load(
     `patient_key`), 'images': tf.string[M] encoded image bytes, 'image_ids': tf.string[M],
     'label': int32[M] (multiclass/none; -1 = unlabeled) or float32[M, K] (multilabel),
     'label_mask': float32[M, K] (multilabel only), 'num_images': int32[]}.
-    `label_fraction` < 1 keeps a class-stratified, nested subset of cases (`data_splits`).
+    `label_fraction` < 1 keeps a class-stratified, nested subset of cases (`data_splits`); with
+    `unlabel_rest` every case is kept and only the others' labels are hidden (label -1, or
+    label_mask 0 for multilabel): semi-supervised pretraining sees all images, few labels.
     Process sharding is by patient: cases with patient_key % process_count == process_index.
     Prepares the dataset first if needed (demo: generated; real sets: from `manual_dir`).
     """
@@ -384,13 +387,18 @@ def load(
     index = _get_index(builder, split, fn, fields, options)
     nonempty = index["num_images"] > 0
     keep = nonempty.copy()
+    labelled_ids = None
     if f < 1.0:
         ne = np.flatnonzero(nonempty)
         chosen = data_splits.select_label_fraction(
             list(index["case_id"][ne]), _strata(index, fields["label_kind"])[ne], f, fraction_seed
         )
-        keep[:] = False
-        keep[ne[chosen]] = True
+        if unlabel_rest:
+            ids = np.asarray(index["case_id"][ne])[chosen]
+            labelled_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in ids]
+        else:
+            keep[:] = False
+            keep[ne[chosen]] = True
     spec = DataSpec(
         name=name,
         split=str(split),
@@ -418,7 +426,33 @@ def load(
 
     ds = ds.enumerate().filter(selected).map(drop_index)
     std = _standardize(fn, fields["label_kind"], fields["num_classes"], with_images=True)
-    return ds.map(std, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), spec
+    ds = ds.map(std, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if labelled_ids is not None:
+        ds = ds.map(_hide_labels(labelled_ids, fields["label_kind"]), deterministic=True)
+    return ds, spec
+
+
+def _hide_labels(labelled_ids: list[str], label_kind: str):
+    """Map fn: cases not in `labelled_ids` become unlabelled (label -1 / label_mask 0)."""
+    ids = [s.encode() if isinstance(s, str) else bytes(s) for s in labelled_ids]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(ids or [b""], tf.string), tf.ones([max(len(ids), 1)], tf.int32)
+        ),
+        default_value=0,
+    )
+    has_ids = bool(ids)
+
+    def hide(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        ex = dict(ex)
+        known = tf.logical_and(has_ids, table.lookup(ex["case_id"]) > 0)
+        if label_kind == "multilabel":
+            ex["label_mask"] = ex["label_mask"] * tf.cast(known, ex["label_mask"].dtype)
+        else:
+            ex["label"] = tf.where(known, ex["label"], -tf.ones_like(ex["label"]))
+        return ex
+
+    return hide
 
 
 def to_images(ds: tf.data.Dataset) -> tf.data.Dataset:

@@ -23,7 +23,8 @@ from clu import metric_writers
 
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, predictions, sharding
-from medssl_jax.train import Built, TrainState, compile_train, fit, label_structs
+from medssl_jax.loop import fit
+from medssl_jax.state import Built, TrainState, compile_train, label_structs, make_init
 
 HEAD = "supervised_head"
 
@@ -98,7 +99,8 @@ def build(
         **label_structs(b, num_classes, label_kind, data_sh),
     }
     step = make_train_step(model, tx, lr, label_kind=label_kind)
-    built = compile_train(model, tx, lr, step, mesh, image_size=size, abstract_batch=abstract_batch)
+    init = make_init(model, tx, size)
+    built = compile_train(model, tx, lr, step, mesh, init=init, abstract_batch=abstract_batch)
     return built, eval_jit
 
 

@@ -7,8 +7,10 @@ parallel tf.data map decodes and augments them with stateless seeds derived from
 made patient-unique before any pixel is touched.
 
 Batches are dicts of NumPy arrays holding this process's rows of the global batch:
-  pretraining: 'views' float32 [B, 2, S, S, 3] (two views of one image, or of two images of one
-  case for MICLe), 'label' int32 [B] (-1 = unlabeled) or float32 [B, K] with 'label_mask',
+  pretraining: 'views' float32 [B, 2, S, S, 3] (two global crops of one image, or of two
+  distinct images of one case with multi-instance (MICLe) pairing), 'local_views' float32
+  [B, N, s, s, 3] when the method uses multi-crop (local crop k from the first image for even k,
+  the second for odd k), 'label' int32 [B] (-1 = unlabeled) or float32 [B, K] with 'label_mask',
   'patient_key' int32 [B], 'distinct' float32 [B] (1 = the views come from two images),
   'case_index' int64 [B] and 'pair' int32 [B, 2] (which images of the case; for tests/debug).
 """
@@ -23,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from medssl_jax import augment, datasets
+from medssl_jax.methods.base import Views
 from medssl_jax.schedule import Schedule, _rng
 
 
@@ -61,8 +64,10 @@ def load_store(
     label_fraction: float = 1.0,
     process_index: int = 0,
     process_count: int = 1,
+    unlabel_rest: bool = False,
 ) -> CaseStore:
-    """Read this process's shard of `split` of the dataset described by config `data`."""
+    """Read this process's shard of `split` of the dataset described by config `data`
+    (`unlabel_rest`: keep every case, hide the labels outside `label_fraction`)."""
     ds, spec = datasets.load(
         data["name"],
         split,
@@ -73,6 +78,7 @@ def load_store(
         fraction_seed=int(data.get("fraction_seed", 0)),
         process_index=process_index,
         process_count=process_count,
+        unlabel_rest=unlabel_rest,
     )
     store = CaseStore(spec, [], [], [], [], np.zeros(0, np.int32), [], None)
     keys, masks = [], []
@@ -129,9 +135,9 @@ def pretrain_elements(
 ) -> Iterator[dict[str, Any]]:
     """Un-augmented pretraining elements, batch after batch from `start_step`.
 
-    MICLe (multi_instance): a case with M >= 2 images gives two distinct images drawn afresh at
-    every visit; M == 1 gives its one image twice ('b' empty, 'distinct' 0). SimCLR: the item's
-    image twice. 'seed' is the stateless augmentation seed of the element.
+    Multi-instance (MICLe) pairing: a case with M >= 2 images gives two distinct images drawn
+    afresh at every visit; M == 1 gives its one image twice ('b' empty, 'distinct' 0).
+    Otherwise: the item's image twice. 'seed' is the stateless augmentation seed of the element.
     """
     step = start_step
     while True:
@@ -161,7 +167,7 @@ def pretrain_dataset(
     store: CaseStore,
     *,
     batch_size: int,
-    image_size: int,
+    views: Views,
     aug: Mapping[str, Any],
     seed: int,
     start_step: int = 0,
@@ -169,7 +175,8 @@ def pretrain_dataset(
     patient_unique: bool = False,
     process_index: int = 0,
 ) -> tuple[tf.data.Dataset, Schedule]:
-    """Infinite pretraining batches from `start_step` on (SimCLR or MICLe pairs)."""
+    """Infinite pretraining batches from `start_step` on: the crops `views` declares, of one
+    image per example or (multi_instance) of two distinct images of one case."""
     if multi_instance:  # epochs over cases
         items = np.stack([np.arange(store.num_cases), np.zeros(store.num_cases, np.int64)], 1)
         keys = store.patient_keys if patient_unique else None
@@ -201,17 +208,26 @@ def pretrain_dataset(
         **_label_signature(store.spec),
     }
     view_kwargs = dict(aug)
+    g, loc = views.global_crops, views.local_crops
+    n_local = views.num_local
 
     def make_views(ex):
-        seeds = tf.random.experimental.stateless_split(ex.pop("seed"), 2)
+        seeds = tf.random.experimental.stateless_split(ex.pop("seed"), 2 + n_local)
         img_a = datasets.decode_image(ex.pop("a"))
         enc_b = ex.pop("b")
         img_b = tf.cond(
             tf.strings.length(enc_b) > 0, lambda: datasets.decode_image(enc_b), lambda: img_a
         )
-        v1 = augment.pretrain_view(img_a, seeds[0], image_size=image_size, **view_kwargs)
-        v2 = augment.pretrain_view(img_b, seeds[1], image_size=image_size, **view_kwargs)
-        ex["views"] = tf.stack([v1, v2])  # [2, S, S, 3]
+
+        def crop(img, i, c):
+            return augment.pretrain_view(
+                img, seeds[i], image_size=c.size, area_range=c.area_range, **view_kwargs
+            )
+
+        ex["views"] = tf.stack([crop(img_a, 0, g), crop(img_b, 1, g)])  # [2, S, S, 3]
+        if n_local:
+            local = [crop(img_a if k % 2 == 0 else img_b, 2 + k, loc) for k in range(n_local)]
+            ex["local_views"] = tf.stack(local)  # [N, s, s, 3]
         return ex
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)

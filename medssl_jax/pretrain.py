@@ -1,14 +1,15 @@
-"""Contrastive pretraining: SimCLR (two views of one image) and MICLe (two images of one case).
+"""Self-supervised pretraining with any registered method (SimCLR, SwAV, DINO, hybrid), with or
+without multi-instance (MICLe) pairing.
 
-Only the views and the loss are method specific; the loop is `train.fit`. The train step is built
-from the config and a mesh alone (`build`), so it can be lowered from abstract shapes and
-compiled ahead of time for a topology that is not attached.
+One generic step: the method's pure loss, its gradient hooks, the optimiser, then the method's
+post-update (EMA teacher, prototype normalisation). The step is built from the config and a
+mesh alone (`build`), so it can be lowered from abstract shapes and compiled ahead of time for
+a topology that is not attached. The loop is `loop.fit`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,70 +18,40 @@ import ml_collections
 import optax
 
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import config_lib, input_pipeline, losses, optim, sharding
-from medssl_jax.train import Built, TrainState, compile_train, fit, label_structs, write_json
-
-PRETRAIN_KEYS = ("views", "label", "patient_key", "distinct")
-
-
-def batch_keys(label_kind: str) -> tuple[str, ...]:
-    return PRETRAIN_KEYS + (("label_mask",) if label_kind == "multilabel" else ())
+from medssl_jax import config_lib, input_pipeline, methods, optim, sharding
+from medssl_jax.loop import fit, write_json
+from medssl_jax.state import Built, TrainState, compile_train, init_variables, label_structs
 
 
-def make_train_step(
-    model: Any,
-    tx: optax.GradientTransformation,
-    lr_schedule: optax.Schedule,
-    *,
-    temperature: float,
-    label_kind: str,
-    mask_same_patient: bool,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Pure (state, batch) -> (state, metrics) for SimCLR/MICLe with an optional online probe."""
+def batch_keys(label_kind: str, num_local: int = 0) -> tuple[str, ...]:
+    keys = ("views", "label", "patient_key", "distinct")
+    keys += ("local_views",) if num_local > 0 else ()
+    return keys + (("label_mask",) if label_kind == "multilabel" else ())
+
+
+def make_train_step(parts: methods.Parts, tx, lr_schedule, *, seed: int):
+    """Pure (state, batch) -> (state, metrics) for the method described by `parts`."""
+    key = jax.random.key(seed)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        views = batch["views"]  # [B, 2, S, S, 3], B sharded on 'data'
-        b = views.shape[0]
-        # Interleave the two views of each row: keeps each device's rows local, and BN sees 2B.
-        x = views.reshape((2 * b,) + views.shape[2:])
+        rng = jax.random.fold_in(key, state.step)
 
         def loss_fn(params):
-            out, mutated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            z = out["projection"].reshape(b, 2, -1)
-            keys = batch["patient_key"] if mask_same_patient else None
-            loss, metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature, keys)
-            metrics["contrastive_loss"] = loss
-            if "logits" in out:  # online linear probe on stop_gradient features
-                if label_kind == "multilabel":
-                    probe = losses.masked_sigmoid_ce(
-                        out["logits"],
-                        jnp.repeat(batch["label"], 2, axis=0),
-                        jnp.repeat(batch["label_mask"], 2, axis=0),
-                    )
-                else:
-                    probe, acc = losses.masked_softmax_ce(
-                        out["logits"], jnp.repeat(batch["label"], 2)
-                    )
-                    metrics["probe_acc"] = acc
-                metrics["probe_loss"] = probe
-                loss = loss + probe
-            return loss, (mutated["batch_stats"], metrics)
+            return parts.loss(params, state.batch_stats, state.extra, batch, rng, state.step)
 
-        (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (metrics, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
+        grads = parts.post_grads(grads, state.step)
+        new = state.apply_gradients(tx, grads, batch_stats)
+        params, extra = parts.post_update(new.params, extra, state.step)
         metrics.update(
             loss=loss,
             learning_rate=lr_schedule(state.step),
             distinct_pairs=jnp.mean(batch["distinct"]),
             grad_norm=optax.global_norm(grads),
         )
-        return state.apply_gradients(tx, grads, batch_stats), metrics
+        return new.replace(params=params, extra=extra), metrics
 
     return step
 
@@ -93,28 +64,48 @@ def build(
     label_kind: str,
     total_steps: int,
     warmup_steps: int,
+    steps_per_epoch: float | None = None,
 ) -> Built:
-    """Model, optimiser and the sharded, donated, jitted train step for `config` on `mesh`."""
-    probe = bool(config.linear_probe) and label_kind != "none" and num_classes > 0
-    model = config_lib.model_from_config(
-        config, num_classes=num_classes if probe else 0, head_stop_gradient=True
+    """Model, optimiser and the sharded, donated, jitted train step for `config` on `mesh`.
+
+    `steps_per_epoch` converts the methods' epoch-valued fields (prototype freeze, teacher
+    temperature warm-up) to steps; None means the whole run is one epoch.
+    """
+    method = methods.get(config.method)
+    parts = method.build(
+        config,
+        num_classes=num_classes,
+        label_kind=label_kind,
+        total_steps=total_steps,
+        steps_per_epoch=float(steps_per_epoch or total_steps),
     )
     tx, lr, peak = optim.from_config(config, total_steps, warmup_steps)
-    if probe:
+    views = method.views(config)
+    size = views.global_crops.size
+
+    abstract_params = jax.eval_shape(
+        lambda r: init_variables(parts.model, r, size)[0], jax.random.key(0)
+    )
+    # The supervised head (online probe, or hybrid's supervised term) trains on its own Adam:
+    # a raw LARS/SGD rate on a linear head over drifting features diverges. Whether its
+    # gradient reaches the backbone is the model's business (stop_gradient or not).
+    if "supervised_head" in abstract_params:
         tx = optim.with_probe_head(
             tx, lr, peak, float(config.optim.get("probe_learning_rate", 0.003))
         )
-    size = int(config.data.image_size)
 
-    mask = config.get("micle", {}).get("same_patient", "exclude") == "mask"
-    step = make_train_step(
-        model,
-        tx,
-        lr,
-        temperature=float(config.loss.temperature),
-        label_kind=label_kind,
-        mask_same_patient=mask and config.method == "micle",
-    )
+    def init(rng: jax.Array) -> TrainState:
+        params, batch_stats = init_variables(parts.model, rng, size)
+        params = parts.init_params(params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            extra=parts.init_extra(params, batch_stats),
+        )
+
+    step = make_train_step(parts, tx, lr, seed=int(config.seed))
     b, data_sh = int(config.batch_size), sharding.batch_sharded(mesh)
     abstract_batch = {
         "views": jax.ShapeDtypeStruct((b, 2, size, size, 3), jnp.float32, sharding=data_sh),
@@ -122,28 +113,58 @@ def build(
         "distinct": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=data_sh),
         **label_structs(b, num_classes, label_kind, data_sh),
     }
-    return compile_train(model, tx, lr, step, mesh, image_size=size, abstract_batch=abstract_batch)
+    if views.local_crops is not None:
+        n, s = views.local_crops.count, views.local_crops.size
+        abstract_batch["local_views"] = jax.ShapeDtypeStruct(
+            (b, n, s, s, 3), jnp.float32, sharding=data_sh
+        )
+    return compile_train(
+        parts.model, tx, lr, step, mesh, init=init, abstract_batch=abstract_batch, method=parts
+    )
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
+    """`pretrain_dataset` keywords from `config.sampler`: multi-instance pairs, and batches
+    without two cases of one patient unless same_patient is 'mask' or 'allow'."""
+    multi = bool(config.sampler.multi_instance)
+    return {
+        "multi_instance": multi,
+        "patient_unique": multi and config.sampler.same_patient == "exclude",
+    }
+
+
+def method_label(config: ml_collections.ConfigDict) -> str:
+    """'simclr', 'swav', ...; with multi-instance pairing 'micle' (SimCLR) or 'micle_<method>'."""
+    if not config.sampler.multi_instance:
+        return config.method
+    return "micle" if config.method == "simclr" else f"micle_{config.method}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrains with SimCLR or MICLe per `config`; writes checkpoints and `results.json`."""
+    """Pretrains per `config` (method + sampler); writes checkpoints and `results.json`."""
     config_lib.validate(config)
     mesh = sharding.make_mesh()
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
-    micle = config.method == "micle"
+    multi_instance = bool(config.sampler.multi_instance)
+    method = methods.get(config.method)
+    views = method.views(config)
     store = input_pipeline.load_store(
         config.data,
         config.data.split,
+        # Every image is used; labels (probe / hybrid supervision) only of this case fraction.
+        label_fraction=float(config.data.get("label_fraction", 1.0)),
+        unlabel_rest=True,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
     spec = store.spec
-    epoch_items = spec.num_cases if micle else spec.num_images
+    epoch_items = spec.num_cases if multi_instance else spec.num_images
     total_steps, warmup_steps = config_lib.steps(config, epoch_items)
+    label = method_label(config)
     logging.info(
         "%s on %s/%s: %d cases, %d images (this process: %d cases); global batch %d on %d "
-        "devices; %d steps (%d warm-up)",
-        config.method,
+        "devices; %d steps (%d warm-up); crops 2x%d + %dx%s",
+        label,
         spec.name,
         spec.split,
         spec.num_cases,
@@ -153,6 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh.devices.size,
         total_steps,
         warmup_steps,
+        views.global_crops.size,
+        views.num_local,
+        views.local_crops.size if views.local_crops else "-",
     )
     built = build(
         config,
@@ -161,25 +185,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         label_kind=spec.label_kind,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
+        steps_per_epoch=max(epoch_items / int(config.batch_size), 1.0),
     )
     state = built.init(jax.random.key(int(config.seed)))
     if config.get("init_checkpoint"):
         state = ckpt_lib.warm_start(state, config.init_checkpoint, tuple(config.init_parts))
+        # The method's state (e.g. DINO's teacher) starts from the warm-started network.
+        parts = built.method
+        extra = jax.jit(parts.init_extra, out_shardings=sharding.replicated(mesh))(
+            state.params, state.batch_stats
+        )
+        state = state.replace(extra=extra)
 
-    patient_unique = micle and config.micle.same_patient == "exclude"
     schedule_holder = {}
 
     def make_batches(start_step: int):
         ds, sched = input_pipeline.pretrain_dataset(
             store,
             batch_size=local_batch,
-            image_size=int(config.data.image_size),
+            views=views,
             aug=config_lib.augment_kwargs(config),
             seed=int(config.seed),
             start_step=start_step,
-            multi_instance=micle,
-            patient_unique=patient_unique,
             process_index=jax.process_index(),
+            **sampler_options(config),
         )
         schedule_holder["s"] = sched
         return ds.as_numpy_iterator()
@@ -194,22 +223,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state=state,
         train_step=built.step,
         make_batches=make_batches,
-        batch_keys=batch_keys(spec.label_kind),
+        batch_keys=batch_keys(spec.label_kind, views.num_local),
         total_steps=total_steps,
         global_batch_size=int(config.batch_size),
-        images_per_example=2,
+        images_per_example=views.images_per_example,
         restore_abstract=built.abstract_state,
-        meta={"method": config.method, "config": config.to_dict()},
+        meta={"method": config.method, "label": label, "config": config.to_dict()},
         epoch_of_step=epoch_of_step,
+        check_collapse=built.method.check_collapse,
     )
     results = {
         "kind": "pretrain",
         "method": config.method,
+        "label": label,
+        "multi_instance": multi_instance,
         "dataset": spec.name,
         "split": spec.split,
         "num_cases": spec.num_cases,
         "num_images": spec.num_images,
-        "epoch_unit": "cases" if micle else "images",
+        "epoch_unit": "cases" if multi_instance else "images",
         "total_steps": total_steps,
         "global_batch_size": int(config.batch_size),
         "num_devices": int(mesh.devices.size),

@@ -1,8 +1,9 @@
 """One process of a local multi-process JAX run (gloo collectives over localhost).
 
-Usage: python tests/mp_worker.py PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS PORT OUT_JSON
-Runs a few pretraining steps of a tiny model on fixed synthetic global batches; every process
-feeds only its own rows, exactly as the input pipeline does on a pod.
+Usage: python tests/mp_worker.py PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS PORT OUT_PREFIX
+For every pretraining method, runs 2 steps of a tiny model on fixed synthetic global batches;
+every process feeds only its own rows, exactly as the input pipeline does on a pod. Process 0
+writes OUT_PREFIX.json (metrics) and OUT_PREFIX.npz (initial and final state leaves).
 """
 
 import json
@@ -15,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -26,25 +28,45 @@ if int(nproc) > 1:
     )
 
 from medssl_jax import pretrain, sharding  # noqa: E402
-from tests.utils import synthetic_pretrain_batch, tiny_pretrain_config  # noqa: E402
+from tests.test_pretrain import METHODS, batches_for, method_config  # noqa: E402
 
-config = tiny_pretrain_config()
 mesh = sharding.make_mesh()
-assert mesh.devices.size == 8, mesh
-built = pretrain.build(
-    config, mesh, num_classes=5, label_kind="multiclass", total_steps=10, warmup_steps=1
-)
-state = built.init(jax.random.key(0))
-per_proc = config.batch_size // jax.process_count()
-lo, hi = jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc
-losses = []
-for s in range(3):
-    full = synthetic_pretrain_batch(100 + s, config.batch_size, 32, 5)
-    local = {k: v[lo:hi] for k, v in full.items()}
-    state, m = built.step(state, sharding.to_global(local, mesh))
-    losses.append({k: float(v) for k, v in jax.device_get(m).items()})
-kernel = jax.tree.leaves(state.params["backbone"])[0]
-checksum = float(jax.device_get(kernel).astype("float64").sum())
+assert mesh.devices.size == int(nproc) * int(ndev), mesh
+results, arrays = {}, {}
+for method in METHODS:
+    config = method_config(method)
+    built = pretrain.build(
+        config,
+        mesh,
+        num_classes=5,
+        label_kind="multiclass",
+        total_steps=10,
+        warmup_steps=1,
+        steps_per_epoch=1,
+    )
+    state = built.init(jax.random.key(0))
+    per_proc = config.batch_size // jax.process_count()
+    lo, hi = jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc
+
+    def host(tree):
+        # Replicated state: every process holds the whole value.
+        return {
+            jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    keep = lambda s: {"params": s.params, "batch_stats": s.batch_stats, "extra": s.extra}  # noqa: E731
+    for k, v in host(keep(state)).items():
+        arrays[f"{method}/init{k}"] = v
+    metrics = []
+    for full in batches_for(config):
+        local = {k: v[lo:hi] for k, v in full.items() if k in built.abstract_batch}
+        state, m = built.step(state, sharding.to_global(local, mesh))
+        metrics.append({k: float(np.asarray(v.addressable_data(0))) for k, v in m.items()})
+    for k, v in host(keep(state)).items():
+        arrays[f"{method}/final{k}"] = v
+    results[method] = metrics
 if jax.process_index() == 0:
-    with open(out, "w") as f:
-        json.dump({"metrics": losses, "checksum": checksum}, f)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f)
+    np.savez(out + ".npz", **arrays)

@@ -109,7 +109,7 @@ def test_bench_train_sweep_expands_and_resolves_aliases():
         ("r50_1x_sk0", 32, 16, "bfloat16"),
         ("r50_1x_sk0", 64, 16, "bfloat16"),
     ]
-    assert all(c.method == "micle" for c in configs)
+    assert all(c.method == "simclr" and c.sampler.multi_instance for c in configs)
 
 
 def test_bench_train_rejects_batch_not_divisible_by_devices(capsys):

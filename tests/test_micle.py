@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import config_lib, input_pipeline, pretrain, sharding
+from medssl_jax import config_lib, input_pipeline, methods, pretrain, sharding
 from medssl_jax.schedule import Schedule
 from tests.utils import synthetic_pretrain_batch, tiny_pretrain_config
 
@@ -89,38 +89,66 @@ def test_elements_are_a_pure_function_of_the_step(store):
         assert [e["seed"].tolist() for e in a] == [e["seed"].tolist() for e in b]
 
 
-def test_augmented_batches_have_views_and_distinct_share(store):
-    config = tiny_pretrain_config("micle")
+def _training_batches(store, config, steps=6, batch=16):
+    """Batches exactly as pretraining makes them (pretrain.sampler_options + the method's views)."""
+    views = methods.get(config.method).views(config)
     ds, _ = input_pipeline.pretrain_dataset(
         store,
-        batch_size=16,
-        image_size=32,
+        batch_size=batch,
+        views=views,
         aug=config_lib.augment_kwargs(config),
         seed=0,
-        multi_instance=True,
-        patient_unique=True,
+        **pretrain.sampler_options(config),
     )
-    b = next(ds.as_numpy_iterator())
-    assert b["views"].shape == (16, 2, 32, 32, 3) and b["views"].dtype == np.float32
-    assert 0.0 <= b["views"].min() and b["views"].max() <= 1.0
-    assert 0 < b["distinct"].mean() <= 1
-    assert not np.allclose(b["views"][:, 0], b["views"][:, 1])
-    assert config.method == "micle"
+    it = ds.as_numpy_iterator()
+    return [next(it) for _ in range(steps)]
 
 
-def test_micle_loss_equals_simclr_loss_on_the_same_pairs():
-    """The MICLe step is SimCLR's NT-Xent on the pairs it is given (same batch -> same loss)."""
+@pytest.mark.parametrize("config_name", ["micle", "swav"])
+def test_training_input_path_pairs_images_and_keeps_patients_unique(store, config_name):
+    """Through the real training path: MICLe pairing (for SimCLR, and for SwAV with its local
+    crops) gives distinct images and no patient twice in a batch; without pairing, the same
+    patients do collide and both views come from one image."""
+    config = tiny_pretrain_config(config_name)
+    if config_name == "swav":
+        config.sampler.multi_instance = True
+    batches = _training_batches(store, config)
+    n_local = config.crops.num_local
+    for b in batches:
+        keys = b["patient_key"].tolist()
+        assert len(set(keys)) == len(keys), "a patient appears twice in a MICLe batch"
+        assert b["views"].shape == (16, 2, 32, 32, 3) and b["views"].dtype == np.float32
+        assert 0.0 <= b["views"].min() and b["views"].max() <= 1.0
+        if n_local:
+            assert b["local_views"].shape == (16, n_local, 16, 16, 3)
+        multi = [len(store.images[c]) >= 2 for c in b["case_index"]]
+        np.testing.assert_array_equal(b["distinct"], np.asarray(multi, np.float32))
+        assert all((i != j) == m for (i, j), m in zip(b["pair"], multi, strict=True))
+    assert 0 < np.mean([b["distinct"].mean() for b in batches]) < 1
+    # Without the sampler options: patients collide somewhere, and pairs are never distinct.
+    config.sampler.multi_instance = False
+    plain = _training_batches(store, config, steps=20)
+    assert all(b["distinct"].sum() == 0 for b in plain)
+    assert any(len(set(b["patient_key"].tolist())) < 16 for b in plain)
+
+
+def test_mask_option_only_removes_same_patient_negatives():
+    """same_patient='mask' changes the loss exactly when a batch holds two rows of one patient;
+    with unique patients it equals plain NT-Xent."""
     batch = synthetic_pretrain_batch(0, 16, 32, 5)
     mesh = sharding.make_mesh()
-    losses = {}
-    for method in ("simclr", "micle"):
-        config = tiny_pretrain_config(method)
-        built = pretrain.build(
-            config, mesh, num_classes=5, label_kind="multiclass", total_steps=4, warmup_steps=1
-        )
-        state = built.init(jax.random.key(0))
-        _, m = built.step(state, sharding.to_global(batch, mesh))
-        losses[method] = jax.device_get(m)
-    for k in ("contrastive_loss", "contrastive_acc", "loss"):
-        np.testing.assert_allclose(losses["simclr"][k], losses["micle"][k], rtol=1e-6)
-    np.testing.assert_allclose(losses["micle"]["distinct_pairs"], batch["distinct"].mean())
+    out = {}
+    for name, keys in (("dup", batch["patient_key"]), ("unique", np.arange(16, dtype=np.int32))):
+        for mode in ("exclude", "mask"):
+            config = tiny_pretrain_config("micle")
+            config.sampler.same_patient = mode
+            built = pretrain.build(
+                config, mesh, num_classes=5, label_kind="multiclass", total_steps=4, warmup_steps=1
+            )
+            state = built.init(jax.random.key(0))
+            b = dict(batch, patient_key=keys)
+            _, m = built.step(state, sharding.to_global(b, mesh))
+            out[name, mode] = float(jax.device_get(m)["contrastive_loss"])
+    assert len(set(batch["patient_key"].tolist())) < 16
+    assert out["dup", "mask"] < out["dup", "exclude"] - 1e-4  # fewer negatives, lower loss
+    np.testing.assert_allclose(out["unique", "mask"], out["unique", "exclude"], rtol=1e-6)

@@ -1,4 +1,4 @@
-"""The sharded SimCLR/MICLe train step: device-count invariance, AOT lowering, resume, learning."""
+"""The generic pretraining step for every method: 1 device == 8 devices, AOT lowering, resume."""
 
 import json
 
@@ -6,126 +6,235 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import pretrain, sharding
-from medssl_jax.train import TrainState
+from medssl_jax import methods, pretrain, sharding
+from medssl_jax.state import TrainState
 from tests.utils import synthetic_pretrain_batch, tiny_pretrain_config
 
 NUM_CLASSES = 5
+METHODS = ("simclr", "swav", "dino", "hybrid")
 
 
-def _run_steps(devices, config, batches):
+def method_config(method: str):
+    """Tiny config whose epoch-valued schedules all act within 2 steps (steps_per_epoch=1)."""
+    c = tiny_pretrain_config(method)
+    if method in ("swav", "hybrid"):
+        c.swav.freeze_prototypes_epochs = 1.0  # frozen at step 0, updated at step 1
+    if method == "dino":
+        c.dino.freeze_last_layer_epochs = 1.0
+        c.dino.warmup_teacher_temp_epochs = 2.0
+    return c
+
+
+def run_steps(devices, config, batches, num_classes=NUM_CLASSES):
+    """(initial state, final state, metrics per step) on a mesh of `devices`, host copies."""
     mesh = sharding.make_mesh(devices)
     built = pretrain.build(
         config,
         mesh,
-        num_classes=NUM_CLASSES,
+        num_classes=num_classes,
         label_kind="multiclass",
         total_steps=10,
-        warmup_steps=2,
+        warmup_steps=1,
+        steps_per_epoch=1,
     )
     state = built.init(jax.random.key(0))
+    init = jax.device_get(state)
     metrics = []
     for b in batches:
+        b = {k: v for k, v in b.items() if k in built.abstract_batch}
         state, m = built.step(state, sharding.to_global(b, mesh))
         metrics.append(jax.device_get(m))
-    return jax.device_get(state), metrics
+    return init, jax.device_get(state), metrics
 
 
-@pytest.fixture(scope="module")
-def one_vs_eight():
-    config = tiny_pretrain_config()
-    batches = [synthetic_pretrain_batch(s, 16, 32, NUM_CLASSES) for s in range(2)]
-    return _run_steps(jax.devices()[:1], config, batches), _run_steps(
-        jax.devices(), config, batches
-    )
+def batches_for(config, n=2, batch=16):
+    return [
+        synthetic_pretrain_batch(s, batch, 32, NUM_CLASSES, config.crops.num_local, 16)
+        for s in range(n)
+    ]
 
 
+def assert_updates_match(init, a, b, *, rel=2e-3, what="params", min_moved=0.5):
+    """Leaf by leaf, the change a - init equals b - init to `rel` of its size (not merely
+    a close to b: a tolerance above one update would pass 'no update at all'), and at least
+    `min_moved` of the leaves changed."""
+    leaves = jax.tree_util.tree_leaves_with_path(init)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves) == len(la) == len(lb)
+    moved = 0
+    for (path, x0), xa, xb in zip(leaves, la, lb, strict=True):
+        x0, xa, xb = (np.asarray(v, np.float64) for v in (x0, xa, xb))
+        da, db = xa - x0, xb - x0
+        scale = np.linalg.norm(da)
+        moved += scale > 0
+        err = np.linalg.norm(da - db)
+        assert err <= rel * scale + 1e-9 * (1 + np.linalg.norm(x0)), (
+            f"{what}{jax.tree_util.keystr(path)}: |d1 - d8| = {err:.3g} vs |d1| = {scale:.3g}"
+        )
+    assert moved >= min_moved * len(leaves), f"{what}: only {moved}/{len(leaves)} leaves moved"
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def one_vs_eight(request):
+    config = method_config(request.param)
+    batches = batches_for(config)
+    one = run_steps(jax.devices()[:1], config, batches)
+    eight = run_steps(jax.devices(), config, batches)
+    return request.param, one, eight
+
+
+@pytest.mark.slow
 def test_eight_devices_match_one_device(one_vs_eight):
-    (s1, m1), (s8, m8) = one_vs_eight
+    """Loss, parameters after 2 steps, BatchNorm statistics (global, not per device) and the
+    method state (teacher, centre, queue) are the same on 1 and 8 devices."""
+    method, (i1, s1, m1), (i8, s8, m8) = one_vs_eight
     assert len(jax.devices()) == 8
+    np.testing.assert_array_equal(jax.tree.leaves(i1.params)[0], jax.tree.leaves(i8.params)[0])
     for a, b in zip(m1, m8, strict=True):
-        for k in ("loss", "contrastive_loss", "probe_loss", "contrastive_acc", "grad_norm"):
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-5, err_msg=k)
-    # Parameters after two updates (i.e. the gradients) and the global BatchNorm statistics.
-    jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5), s1.params, s8.params
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{method}/{k}")
+    assert_updates_match(i1.params, s1.params, s8.params, what=f"{method} params")
+    assert_updates_match(i1.batch_stats, s1.batch_stats, s8.batch_stats, what="batch_stats")
+    if method == "dino":
+        t0, t1, t8 = (s.extra["teacher"] for s in (i1, s1, s8))
+        assert_updates_match(t0, t1, t8, what="dino teacher")
+        assert_updates_match(i1.extra["center"], s1.extra["center"], s8.extra["center"])
+    assert int(s1.step) == int(s8.step) == 2
+
+
+def test_batchnorm_statistics_are_global():
+    """One step of BatchNorm on 8 devices moves the running mean by the FULL batch's mean."""
+    config = method_config("simclr")
+    config.model.num_proj_layers = 1
+    batch = batches_for(config, n=1)[0]
+    mesh = sharding.make_mesh()
+    built = pretrain.build(
+        config, mesh, num_classes=0, label_kind="none", total_steps=4, warmup_steps=1
     )
-    jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
-        s1.batch_stats,
-        s8.batch_stats,
+    state = built.init(jax.random.key(0))
+    head0 = jax.device_get(state.params["projection_head"]["layer_0"]["dense"]["kernel"])
+    # The head's BN sees the backbone's train-mode features of all 32 views.
+    out_train, _ = built.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch["views"].reshape(-1, 32, 32, 3),
+        train=True,
+        mutable=["batch_stats"],
     )
+    feats = np.asarray(out_train["features"], np.float64)
+    b = {k: v for k, v in batch.items() if k in built.abstract_batch}
+    state, _ = built.step(state, sharding.to_global(b, mesh))
+    running = jax.device_get(state.batch_stats["projection_head"]["layer_0"]["bn"]["mean"])
+    expected = 0.1 * (feats @ np.asarray(head0, np.float64)).mean(axis=0)  # momentum 0.9
+    np.testing.assert_allclose(running, expected, rtol=1e-3, atol=1e-6)
+    # Per-device statistics (2 examples each) would give a different mean on some device.
+    per_device = 0.1 * (feats[:4] @ head0).mean(axis=0)
+    assert np.abs(per_device - expected).max() > 10 * np.abs(running - expected).max()
 
 
-def test_batchnorm_statistics_are_global(one_vs_eight):
-    """Running means moved by the full-batch statistics, not by one device's shard."""
-    (_, _), (s8, _) = one_vs_eight
-    stem_mean = jax.tree.leaves(s8.batch_stats["backbone"])[0]
-    assert np.abs(stem_mean).max() > 0
-
-
-def test_train_step_lowers_from_abstract_shapes():
+@pytest.mark.parametrize("method", ["dino"])
+def test_train_step_lowers_from_abstract_shapes(method):
     """AOT: compile for the 8-device mesh from ShapeDtypeStructs only (no arrays allocated)."""
-    config = tiny_pretrain_config(batch_size=32)
+    config = tiny_pretrain_config(method, batch_size=32)
+    config.model.variant = "vit_tiny"
     mesh = sharding.make_mesh()
     built = pretrain.build(
         config, mesh, num_classes=3, label_kind="multiclass", total_steps=5, warmup_steps=1
     )
     assert isinstance(built.abstract_state, TrainState)
+    assert "teacher" in built.abstract_state.extra
     lowered = built.step.lower(built.abstract_state, built.abstract_batch)
     compiled = lowered.compile()
-    text = lowered.as_text()
-    assert "sharding" in text
+    assert "sharding" in lowered.as_text()
     out_state, out_metrics = compiled.output_shardings
     assert out_metrics["loss"].is_fully_replicated
+    assert built.abstract_batch["local_views"].shape == (32, 2, 16, 16, 3)
+
+
+def test_methods_are_registered_and_configs_validate():
+    from medssl_jax import config_lib
+
+    assert set(METHODS) <= set(methods.names())
+    for method in METHODS + ("micle",):
+        config_lib.validate(tiny_pretrain_config(method))
 
 
 def test_impossible_configs_fail_fast_naming_the_field(tmp_path):
     from medssl_jax import config_lib
 
     cases = {
-        "batch_size": dict(batch_size=12),  # not divisible by 8 devices
-        "model.variant": {"model.variant": "r51_1x_sk0"},
-        "num_steps": dict(num_steps=-3, num_epochs=0.0),
-        "data.name": {"data.name": "imagenet"},
-        "init_checkpoint": dict(init_checkpoint=str(tmp_path / "missing")),
-        "loss.temperature": {"loss.temperature": 0.0},
+        "simclr": {
+            "batch_size": dict(batch_size=12),  # not divisible by 8 devices
+            "model.variant": {"model.variant": "r51_1x_sk0"},
+            "num_steps": dict(num_steps=-3, num_epochs=0.0),
+            "data.name": {"data.name": "imagenet"},
+            "init_checkpoint": dict(init_checkpoint=str(tmp_path / "missing")),
+            "loss.temperature": {"loss.temperature": 0.0},
+            "method": {"method": "byol"},
+            "sampler.same_patient": {"sampler.same_patient": "sometimes"},
+            "crops.num_local": {"crops.num_local": 2},
+        },
+        "swav": {
+            "swav.queue_length": {"swav.queue_length": 20},  # not a multiple of the batch
+            "swav.epsilon": {"swav.epsilon": 0.0},
+            "crops.local_area": {"crops.local_area": (0.3, 0.1)},
+        },
+        "dino": {
+            "dino.teacher_temp": {"dino.teacher_temp": -1.0},
+            "model.num_proj_layers": {"model.num_proj_layers": 2},
+        },
+        "hybrid": {"hybrid.supervised_weight": {"hybrid.supervised_weight": -1.0}},
     }
-    for field, overrides in cases.items():
-        config = tiny_pretrain_config(**overrides)
-        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-            config_lib.validate(config)
-            sharding.check_batch_size(config.batch_size, sharding.make_mesh())
+    for method, by_field in cases.items():
+        for field, overrides in by_field.items():
+            config = tiny_pretrain_config(method, **overrides)
+            with pytest.raises(ValueError, match=r"config\." + field.replace(".", r"\.")):
+                config_lib.validate(config)
+                sharding.check_batch_size(config.batch_size, sharding.make_mesh())
 
 
-def _params_at(workdir, step):
-    from medssl_jax import checkpoint
+def _state_at(workdir, step):
+    """The whole saved train state (params, batch_stats, opt_state, extra) at `step`."""
+    import orbax.checkpoint as ocp
 
-    params, stats, got = checkpoint.load_variables(str(workdir))
-    assert got == step
-    return params, stats
+    mngr = ocp.CheckpointManager(
+        f"{workdir}/checkpoints", item_handlers={"state": ocp.StandardCheckpointHandler()}
+    )
+    assert mngr.latest_step() == step
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    mngr.close()
+    return state
 
 
 @pytest.mark.slow
-def test_resume_reproduces_uninterrupted_run(tmp_path, tfds_data_dir):
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_bit_exact(tmp_path, tfds_data_dir, method):
+    """Stop after 3 of 6 steps, rerun: the whole state (teacher, centre, queue, optimiser
+    included) is bit-identical to an uninterrupted run's."""
     from medssl_jax import train
 
-    config = tiny_pretrain_config(num_steps=6, checkpoint_every_steps=2)
-    config.data.data_dir = tfds_data_dir
-    full = train.train_and_evaluate(config, str(tmp_path / "full"))
-    part = tiny_pretrain_config(num_steps=6, checkpoint_every_steps=2, stop_after_steps=3)
-    part.data.data_dir = tfds_data_dir
-    first = train.train_and_evaluate(part, str(tmp_path / "resumed"))
+    def config(**kw):
+        c = tiny_pretrain_config(method, num_steps=6, checkpoint_every_steps=2, **kw)
+        c.data.data_dir = tfds_data_dir
+        if method == "swav":
+            c.swav.queue_length, c.swav.queue_start_epoch = 32, 0.0
+        return c
+
+    full = train.train_and_evaluate(config(), str(tmp_path / "full"))
+    first = train.train_and_evaluate(config(stop_after_steps=3), str(tmp_path / "resumed"))
     assert first["stop_reason"] == "stop_after_steps" and first["step"] == 3
-    part.stop_after_steps = 0
-    second = train.train_and_evaluate(part, str(tmp_path / "resumed"))
+    second = train.train_and_evaluate(config(), str(tmp_path / "resumed"))
     assert second["resumed_from_step"] == 3 and second["step"] == 6
-    p_full, s_full = _params_at(tmp_path / "full", 6)
-    p_res, s_res = _params_at(tmp_path / "resumed", 6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_full, p_res)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s_full, s_res)
-    np.testing.assert_allclose(
-        full["final_metrics"]["loss"], second["final_metrics"]["loss"], rtol=1e-5
-    )
+    a, b = _state_at(tmp_path / "full", 6), _state_at(tmp_path / "resumed", 6)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    if method == "swav":
+        assert int(a["extra"]["queue_count"]) == 32  # the queue filled and was carried over
+    if method == "dino":
+        assert np.abs(a["extra"]["center"]).sum() > 0
+    assert full["final_metrics"]["loss"] == second["final_metrics"]["loss"]
     results = json.loads((tmp_path / "resumed" / "results.json").read_text())
-    assert results["resumed_from_step"] == 3
+    assert results["resumed_from_step"] == 3 and results["method"] == method

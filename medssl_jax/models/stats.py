@@ -50,12 +50,19 @@ def model_stats(
     model = create_model(variant, num_classes=num_classes, num_proj_layers=num_proj_layers)
     variables = abstract_variables(model, image_size)
     params = variables["params"]
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return dict(
         variant=variant,
         image_size=image_size,
         num_classes=num_classes,
         num_proj_layers=num_proj_layers,
-        feature_dim=feature_dim(model.depth, model.width_multiplier),
+        feature_dim=(
+            jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)[
+                "features"
+            ].shape[-1]
+            if model.vit
+            else feature_dim(model.depth, model.width_multiplier)
+        ),
         backbone_params=count_params(params["backbone"]),
         head_params=count_params(params.get("projection_head", {}))
         + count_params(params.get("supervised_head", {})),

@@ -8,6 +8,7 @@ from typing import Any
 
 from medssl_jax.models.model import SimCLRModel
 from medssl_jax.models.resnet import BLOCK_SIZES
+from medssl_jax.models.vit import VIT_CONFIGS
 
 SK_RATIO = 0.0625  # SimCLRv2's recommended selective-kernel ratio ("sk1").
 
@@ -37,18 +38,22 @@ ALIASES = {
 _NAME_RE = re.compile(r"^r(?P<depth>\d+)_(?P<width>\d+(?:\.\d+)?)x_sk(?P<sk>[01])$")
 _VALID_FORMS = (
     f"'r{{depth}}_{{width}}x_sk{{0|1}}' with depth in {sorted(BLOCK_SIZES)}, width > 0 "
-    f"(e.g. r50_1x_sk0, r152_3x_sk1, r18_0.125x_sk0) or an alias in {sorted(ALIASES)}"
+    f"(e.g. r50_1x_sk0, r152_3x_sk1, r18_0.125x_sk0), a ViT in {sorted(VIT_CONFIGS)}, "
+    f"or an alias in {sorted(ALIASES)}"
 )
 
 
 def get_variant(name: str) -> dict[str, Any]:
-    """Parse a variant name into dict(depth=int, width_multiplier=int|float, sk_ratio=float).
+    """Parse a variant name into dict(depth=int, width_multiplier=int|float, sk_ratio=float),
+    or dict(vit=name) for a Vision Transformer.
 
     Raises ValueError naming the valid forms for anything else.
     """
     if not isinstance(name, str):
         raise ValueError(f"variant must be a string of the form {_VALID_FORMS}; got {name!r}")
     canonical = ALIASES.get(name.strip(), name.strip())
+    if canonical in VIT_CONFIGS:
+        return dict(vit=canonical)
     m = _NAME_RE.match(canonical)
     if m is None:
         raise ValueError(f"unknown model variant {name!r}: expected {_VALID_FORMS}")

@@ -1,0 +1,118 @@
+"""The train state every stage shares, and the jit/sharding wiring of a train step.
+
+`TrainState.extra` holds what a method keeps besides parameters, BatchNorm statistics and the
+optimiser: DINO's EMA teacher and centre, SwAV's queue. It is a pytree like the rest, so it is
+replicated, donated, checkpointed and restored with no method-specific code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from medssl_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates; a plain pytree (checkpointed as is)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    extra: Any = dataclasses.field(default_factory=dict)
+
+    def apply_gradients(self, tx: Any, grads: Any, batch_stats: Any) -> TrainState:
+        """One optimiser update, new BatchNorm statistics, step + 1."""
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+
+
+@dataclasses.dataclass
+class Built:
+    """A compiled-on-demand train step and what it needs, independent of data and devices."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+    init: Callable  # jitted rng -> TrainState (replicated)
+    abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
+    method: Any = None  # pretraining: the methods.base.Parts the step was built from
+
+
+def label_structs(
+    batch_size: int, num_classes: int, label_kind: str, data_sharding: Any
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract 'label' (and 'label_mask') of a global batch, as the input pipeline emits them."""
+    if label_kind == "multilabel":
+        shape, dtype, keys = (batch_size, num_classes), jnp.float32, ("label", "label_mask")
+    else:
+        shape, dtype, keys = (batch_size,), jnp.int32, ("label",)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding) for k in keys}
+
+
+def compile_train(
+    model: Any,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    step: Callable[[TrainState, dict], tuple[TrainState, dict]],
+    mesh: jax.sharding.Mesh,
+    *,
+    init: Callable[[jax.Array], TrainState],
+    abstract_batch: dict[str, jax.ShapeDtypeStruct],
+    method: Any = None,
+) -> Built:
+    """Jits `step` over `mesh` (state replicated and donated, batch sharded on 'data') and
+    the state initialiser; the abstract state allows lowering without allocating anything."""
+    repl = sharding.replicated(mesh)
+    return Built(
+        model=model,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        step=jax.jit(
+            step,
+            in_shardings=(repl, sharding.batch_sharded(mesh)),
+            out_shardings=(repl, repl),
+            donate_argnums=(0,),
+        ),
+        init=jax.jit(init, out_shardings=repl),
+        abstract_state=sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl),
+        abstract_batch=abstract_batch,
+        method=method,
+    )
+
+
+def init_variables(model: Any, rng: jax.Array, image_size: int) -> tuple[Any, Any]:
+    """(params, batch_stats) of `model` for [2, S, S, 3] inputs."""
+    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = model.init(rng, x, train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def make_init(model: Any, tx: Any, image_size: int) -> Callable[[jax.Array], TrainState]:
+    """rng -> fresh TrainState (step 0, initial params/batch_stats, optimiser state)."""
+
+    def init(rng: jax.Array) -> TrainState:
+        params, batch_stats = init_variables(model, rng, image_size)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+        )
+
+    return init
