@@ -30,6 +30,7 @@ from medssl_jax.methods import get  # noqa: E402
 
 def demo(c):
     swav.demo(c)
+    c.num_steps = 300  # the supervised and contrastive terms start learning at once
     c.data.label_fraction = 0.1  # hybrid regime: few labels, many unlabelled images
 
 

@@ -173,7 +173,13 @@ def random_crop_and_resize(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]], tf.float32),
         seed=seed,
-        min_object_covered=min(_CROP_MIN_OBJECT_COVERED, float(area_range[0])),
+        # SimCLR's 0.1 for its own range; a multi-crop range uses its floor, so that local
+        # crops (e.g. area 0.05-0.14) can be as small as their range allows.
+        min_object_covered=(
+            _CROP_MIN_OBJECT_COVERED
+            if tuple(area_range) == _CROP_AREA_RANGE
+            else float(area_range[0])
+        ),
         aspect_ratio_range=_CROP_ASPECT_RANGE,
         area_range=tuple(float(a) for a in area_range),
         max_attempts=_CROP_MAX_ATTEMPTS,

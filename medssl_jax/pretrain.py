@@ -123,6 +123,18 @@ def build(
     )
 
 
+def warm_start(
+    state: TrainState, built: Built, path: str, parts: tuple[str, ...], mesh: jax.sharding.Mesh
+) -> TrainState:
+    """`parts` of the network from the checkpoint at `path`; the method's state (e.g. DINO's
+    teacher) then starts again from the warm-started network, not from the random one."""
+    state = ckpt_lib.warm_start(state, path, parts)
+    extra = jax.jit(built.method.init_extra, out_shardings=sharding.replicated(mesh))(
+        state.params, state.batch_stats
+    )
+    return state.replace(extra=extra)
+
+
 def sampler_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
     """`pretrain_dataset` keywords from `config.sampler`: multi-instance pairs, and batches
     without two cases of one patient unless same_patient is 'mask' or 'allow'."""
@@ -189,13 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     state = built.init(jax.random.key(int(config.seed)))
     if config.get("init_checkpoint"):
-        state = ckpt_lib.warm_start(state, config.init_checkpoint, tuple(config.init_parts))
-        # The method's state (e.g. DINO's teacher) starts from the warm-started network.
-        parts = built.method
-        extra = jax.jit(parts.init_extra, out_shardings=sharding.replicated(mesh))(
-            state.params, state.batch_stats
-        )
-        state = state.replace(extra=extra)
+        state = warm_start(state, built, config.init_checkpoint, tuple(config.init_parts), mesh)
 
     schedule_holder = {}
 

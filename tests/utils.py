@@ -24,7 +24,7 @@ def tiny_pretrain_config(config_name: str = "simclr", /, **overrides):
     if c.crops.num_local:
         c.crops.num_local, c.crops.local_size = 2, 16
     if "swav" in c:
-        c.swav.num_prototypes = 16
+        c.swav.num_prototypes, c.swav.queue_length = 16, 0
     if "dino" in c:
         c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 64, 32, 16
     for k, v in overrides.items():
