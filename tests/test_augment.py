@@ -368,3 +368,25 @@ def test_unknown_static_shape_like_decoded_jpeg(rgb_u8):
     )
     with pytest.raises(tf.errors.InvalidArgumentError):
         fn(np.zeros((8, 8, 4), np.uint8), _seed(9))
+
+
+def test_multi_crop_area_range_is_respected():
+    """Local crops (SwAV/DINO multi-crop) cover the configured area fraction of the image."""
+    n = 200
+    ramp = np.arange(n, dtype=np.float32) / (n - 1)
+    img = np.stack([np.tile(ramp, (n, 1)), np.tile(ramp[:, None], (1, n)), np.zeros((n, n))], -1)
+    img = img.astype(np.float32)
+    fn = tf.function(
+        lambda s: A.pretrain_view(
+            img, s, image_size=S, flip=False, area_range=(0.05, 0.14), **NO_COLOR
+        )
+    )
+    areas = []
+    for i in range(30):
+        out = fn(_seed(i)).numpy()[4:-4, 4:-4]
+        cw = np.median(np.diff(out[..., 0], axis=1)) * S * (n - 1)
+        ch = np.median(np.diff(out[..., 1], axis=0)) * S * (n - 1)
+        areas.append(cw * ch / n**2)
+    areas = np.array(areas)
+    assert areas.min() > 0.05 - 0.01 and areas.max() < 0.14 + 0.01
+    assert areas.min() < 0.09  # below SimCLR's 0.1 floor: the range's own floor applies
