@@ -72,6 +72,9 @@ def demo(c):
     c.optim.base_learning_rate = 0.001
     c.optim.lr_scaling = "none"
     c.optim.weight_decay = 1e-4
+    c.dino.out_dim = 1024
+    c.dino.hidden_dim = 256
+    c.dino.bottleneck_dim = 64
     c.dino.use_bn_in_head = False
     c.dino.momentum_teacher = 0.99  # a 600-step run: 0.996 leaves the teacher near its init
     c.dino.warmup_teacher_temp, c.dino.teacher_temp = 0.04, 0.07
