@@ -9,6 +9,7 @@ method: it is `config.sampler.multi_instance`, available to every method.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -75,8 +76,9 @@ class Parts:
     check_collapse: Callable[[dict], str | None] = lambda metrics: None
 
 
-class Method:
-    """Base class: subclasses set `name` and implement `defaults`, `views` and `build`."""
+class Method(abc.ABC):
+    """Base class: subclasses set `name` and implement `views` and `build` (and, when they
+    have one, `defaults` and `validate`)."""
 
     name: str = ""
 
@@ -85,11 +87,15 @@ class Method:
         return None
 
     def validate(self, config: ml_collections.ConfigDict, require: Callable) -> None:
-        """Checks the method's fields; `require(cond, field, msg)` raises ConfigError."""
+        """Checks the method's fields; `require(cond, field, msg)` raises ConfigError.
+        The default checks nothing: a method without fields of its own needs no override."""
+        return None
 
+    @abc.abstractmethod
     def views(self, config: ml_collections.ConfigDict) -> Views:
-        raise NotImplementedError
+        """The crops each example contributes."""
 
+    @abc.abstractmethod
     def build(
         self,
         config: ml_collections.ConfigDict,
@@ -99,7 +105,7 @@ class Method:
         total_steps: int,
         steps_per_epoch: float,
     ) -> Parts:
-        raise NotImplementedError
+        """The network, state and loss for `config` (see `Parts`)."""
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -21,7 +21,7 @@ import ml_collections
 
 from medssl_jax import losses
 from medssl_jax.methods import base
-from medssl_jax.methods.swav import SwAVCore, normalize_prototypes, validate_swav
+from medssl_jax.methods.swav import SwAVCore, validate_swav
 
 
 def hybrid_loss(
@@ -78,15 +78,7 @@ class Hybrid(base.Method):
             loss = hybrid_loss(clustering, contrastive, sup, lam=lam, mu=mu)
             return loss, (metrics, batch_stats, core.next_extra(extra, z, step))
 
-        return base.Parts(
-            model=core.model,
-            loss=loss_fn,
-            init_extra=core.init_extra,
-            init_params=normalize_prototypes,
-            post_grads=core.post_grads,
-            post_update=lambda p, e, s: (normalize_prototypes(p), e),
-            check_collapse=core.check_collapse,
-        )
+        return core.parts(loss_fn)
 
 
 base.register(Hybrid())

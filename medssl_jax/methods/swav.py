@@ -225,6 +225,18 @@ class SwAVCore:
     def check_collapse(self, metrics):
         return base.collapse_warning(metrics, num_outputs=self.k)
 
+    def parts(self, loss_fn) -> base.Parts:
+        """The method's Parts around `loss_fn`: queue, prototype normalisation and freeze."""
+        return base.Parts(
+            model=self.model,
+            loss=loss_fn,
+            init_extra=self.init_extra,
+            init_params=normalize_prototypes,
+            post_grads=self.post_grads,
+            post_update=lambda p, e, s: (normalize_prototypes(p), e),
+            check_collapse=self.check_collapse,
+        )
+
 
 class SwAV(base.Method):
     name = "swav"
@@ -252,15 +264,7 @@ class SwAV(base.Method):
             loss = add_probe(loss, outs[0], batch, label_kind, 2, metrics)
             return loss, (metrics, batch_stats, core.next_extra(extra, z, step))
 
-        return base.Parts(
-            model=core.model,
-            loss=loss_fn,
-            init_extra=core.init_extra,
-            init_params=normalize_prototypes,
-            post_grads=core.post_grads,
-            post_update=lambda p, e, s: (normalize_prototypes(p), e),
-            check_collapse=core.check_collapse,
-        )
+        return core.parts(loss_fn)
 
 
 base.register(SwAV())
