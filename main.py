@@ -20,6 +20,18 @@ def _quiet_libraries() -> None:
     logging.get_absl_handler().addFilter(lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with config mistakes (unknown field, bad value) as one line, not a trace."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+        sys.exit(
+            f"error: {text}\nUsage: python main.py --config=configs/<file>.py[:variants] "
+            "--workdir=DIR [--config.<field>=<value> ...]"
+        )
+
+
 def main(argv):
     del argv
     _quiet_libraries()
@@ -45,11 +57,9 @@ def main(argv):
         jax.process_count(),
         jax.device_count(),
     )
-    from medssl_jax.config_lib import ConfigError
-
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, FileNotFoundError) as e:  # bad input: say what, not where in the code
+    except train.USER_ERRORS as e:  # bad input or a stopped run: say what, not where in the code
         sys.exit(f"error: {e}")
     logging.info("Done: %s", {k: results[k] for k in ("step", "stop_reason") if k in results})
     ckpt = results.get("checkpoint_dir") or results.get("train", {}).get("checkpoint_dir")
@@ -57,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -46,6 +46,9 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     # Pretraining reads every image; only this fraction of cases shows its labels (online
     # probe, hybrid supervision). Fine-tuning keeps just those cases.
     c.data.label_fraction = 1.0
+    # Real-data builders: drop malformed CSV rows / unreadable images (listed in the dataset's
+    # metadata.json) instead of stopping; applies when the dataset is first prepared.
+    c.data.skip_bad_rows = False
 
     c.augment = ml_collections.ConfigDict()
     c.augment.recipe = "simclr"  # documentation only: the fields below are what is applied
@@ -99,6 +102,10 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.stop_after_steps = 0  # > 0: checkpoint and exit after this many steps (rerun resumes)
+    # A non-finite loss or state: 'stop' (name the newest finite checkpoint; rerun resumes
+    # from it) or 'skip' (drop that update, log it; stop after nan_max_skips in a row).
+    c.nan_policy = "stop"
+    c.nan_max_skips = 10
     return c
 
 

@@ -14,6 +14,7 @@ from absl import logging
 
 from data_builders.common import (
     DEFAULT_SPLIT_FRACTIONS,
+    BadInputError,
     Case,
     ProblemLog,
     generate_examples,
@@ -88,6 +89,11 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self.info.metadata[key] = value
         logging.info("%s: cases/images/patients per split: %s", self.name, counts)
         empty = [name for name, cs in splits.items() if not cs]
+        if splits and len(empty) == len(splits):  # e.g. every row skipped: nothing to cache
+            raise BadInputError(
+                f"{self.name}: no usable case in the input (every split is empty"
+                f"{'; ' + str(len(log.problems)) + ' bad row(s) skipped' if log.problems else ''})"
+            )
         if empty:
             logging.warning("%s: split(s) %s have no case and are left out", self.name, empty)
         return {name: self._generate_examples(cs) for name, cs in splits.items() if cs}

@@ -89,8 +89,8 @@ class ProblemLog:
         raise BadInputError(
             f"{self.dataset}: {len(self.problems)} bad input row(s) found while {stage}; "
             f"nothing was written:\n  {listed}{tail}\n"
-            "Fix the data, or rebuild with skip_bad_rows=True to drop these rows (they are "
-            "then listed in the dataset's metadata.json under 'skipped_rows')."
+            "Fix the data, or rerun with --config.data.skip_bad_rows=True to drop these rows "
+            "(they are then listed in the dataset's metadata.json under 'skipped_rows')."
         )
 
     def record(self, metadata: tfds.core.MetadataDict | None) -> None:
@@ -128,8 +128,9 @@ def read_csv(
 ) -> list[CsvRow]:
     """Reads a CSV with a header row; rows with a wrong column count go to `log`.
 
-    Values are stripped of surrounding whitespace; empty lines are ignored. A missing file or a
-    header without the `required` columns raises `BadInputError` at once (not skippable).
+    Values are stripped of surrounding whitespace; empty lines are ignored. A missing file, a
+    header without the `required` columns or no data row at all raises `BadInputError` at once
+    (not skippable).
     """
     path = epath.Path(path)
     if not path.exists():
@@ -178,6 +179,8 @@ def read_csv(
                 os.fspath(path), line, {h: v.strip() for h, v in zip(header, values, strict=True)}
             )
         )
+    if not rows and not log.problems:  # never build (and cache) an empty dataset
+        raise BadInputError(f"{path}: the header is there but no data row follows")
     return rows
 
 

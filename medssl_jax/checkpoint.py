@@ -1,28 +1,79 @@
 """Orbax checkpointing: periodic saves, save on SIGTERM (preemption), resume, and warm starts.
 
 A run's workdir holds `checkpoints/<step>/{state,meta}`. `state` is the whole train state
-(step, params, batch_stats, opt_state); `meta` is JSON (config and progress). Restarting with the
-same workdir resumes from the latest step; because the input pipeline is a pure function of
-(seed, step), the resumed run sees exactly the batches the uninterrupted run would have seen.
+(step, params, batch_stats, opt_state, extra); `meta` is JSON (config and progress). Restarting
+with the same workdir resumes from the newest usable step; because the input pipeline is a pure
+function of (seed, step), the resumed run sees exactly the batches the uninterrupted run would
+have seen.
+
+Orbax writes a step into a temporary folder and renames it when complete, so a process killed
+mid-save (even mid async save) leaves the previous steps as they were. A newest step that is
+unreadable (truncated or missing file) or holds non-finite values is reported, moved aside to
+`checkpoints/unusable_<step>_<reason>` and the previous one used; a checkpoint written by a
+different model (other shapes) is an error naming the first differing array.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or does not fit this run; the message names it."""
+
+
 def absolute(path: str) -> str:
     """Orbax needs absolute paths: make local ones absolute, leave URLs (gs://...) alone."""
     return path if "://" in path else os.path.abspath(path)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point array of `tree` is finite (one reduction on device)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(_all_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'params/backbone/conv/kernel' -> shape, for a state, its abstract form or its metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = "/".join(re.findall(r"[A-Za-z0-9_\-]+", jax.tree_util.keystr(path)))
+        out[name] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+    return out
+
+
+def check_compatible(saved: Any, abstract_state: Any, where: str) -> None:
+    """Raises CheckpointError naming the first array whose presence or shape differs."""
+    have, want = _shapes(saved), _shapes(abstract_state)
+    for name in sorted(set(have) | set(want)):
+        if have.get(name) != want.get(name):
+            raise CheckpointError(
+                f"checkpoint {where} was written by a different model or method: {name} is "
+                f"{have.get(name, 'absent')} there and {want.get(name, 'absent')} in this "
+                "config. Use a new --workdir (or the config that wrote this one); to start "
+                "from its weights instead, set init_checkpoint."
+            )
+
+
+def _first_line(e: object) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:300] if text else "") or type(e).__name__
 
 
 class Checkpointer:
@@ -36,7 +87,14 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -52,21 +110,87 @@ class Checkpointer:
         )
         return restored.state, dict(restored.meta or {})
 
+    def restore_newest_usable(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+        """(state, meta, step) of the newest step that restores and is finite, or None.
+
+        Unusable steps are logged and moved aside; a step with other shapes than
+        `abstract_state` raises CheckpointError (the workdir belongs to another config).
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.manager.item_metadata(step)["state"]
+                if saved is None:
+                    raise ValueError("no readable 'state' metadata")
+            except Exception as e:  # noqa: BLE001  (unreadable metadata: a corrupt step)
+                self._set_aside(step, "unreadable", e)
+                continue
+            check_compatible(saved, abstract_state, f"{self.directory}/{step}")
+            try:
+                state, meta = self.restore(abstract_state, step)
+            except Exception as e:  # noqa: BLE001  (truncated or missing array files)
+                self._set_aside(step, "unreadable", e)
+                continue
+            if not all_finite(state):
+                self._set_aside(step, "nonfinite", "it holds NaN or inf values")
+                continue
+            return state, meta, step
+        return None
+
+    def _set_aside(self, step: int, reason: str, why: object) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"unusable_{step}_{reason}"
+        logging.warning(
+            "Checkpoint %s is unusable (%s); moving it to %s and trying the previous one.",
+            src,
+            _first_line(why),
+            dst.name,
+        )
+        if jax.process_index() == 0:
+            n = 1
+            while dst.exists():
+                dst, n = self.directory / f"unusable_{step}_{reason}.{n}", n + 1
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
+
     def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or `force`); returns whether a save started."""
+        """Save if `step` is on the interval (or `force`); returns whether a save started.
+
+        A failed write (disk full, permissions; also one of an earlier async save) raises
+        CheckpointError; the steps already saved stay as they were.
+        """
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
-            ),
-            force=force,
+        try:
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+                ),
+                force=force,
+            )
+        except Exception as e:  # noqa: BLE001  (whatever orbax's writers raise)
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step: int | None, e: Exception) -> CheckpointError:
+        kept = [s for s in self.manager.all_steps() if s != step]
+        return CheckpointError(
+            f"could not write a checkpoint in {self.directory} ({_first_line(e)}). Earlier "
+            f"checkpoints are intact (newest: {max(kept) if kept else 'none'}); free space or "
+            "fix permissions, then rerun to resume."
         )
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for a pending async save (raising CheckpointError if it failed), then closes."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(None, e) from e
+        finally:
+            self.manager.close()
 
 
 class PreemptionGuard:
@@ -211,10 +335,17 @@ def warm_start(state: Any, path: str, parts: tuple[str, ...], proj_layers: int |
     params, batch_stats, src_step = load_variables(path)
     host_params = jax.device_get(state.params)
     host_stats = jax.device_get(state.batch_stats)
-    new_params = merge_pretrained(host_params, params, parts, proj_layers=proj_layers)
-    new_stats = merge_pretrained(
-        host_stats, batch_stats, parts, proj_layers=proj_layers, what="batch_stats"
-    )
+    try:
+        new_params = merge_pretrained(host_params, params, parts, proj_layers=proj_layers)
+        new_stats = merge_pretrained(
+            host_stats, batch_stats, parts, proj_layers=proj_layers, what="batch_stats"
+        )
+    except (KeyError, ValueError) as e:  # another variant or method wrote it
+        msg = e.args[0] if e.args else str(e)
+        raise CheckpointError(
+            f"config.init_checkpoint {path!r} (step {src_step}) does not fit this model "
+            f"(config.model.variant and heads): {msg}"
+        ) from None
     logging.info("Warm start from %s (step %d): restored %s", path, src_step, parts)
     shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats))
     params_out, stats_out = jax.device_put((new_params, new_stats), shardings)

@@ -17,6 +17,7 @@ from medssl_jax import optim
 SUPERVISED = ("finetune", "linear_eval")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAME_PATIENT = ("exclude", "mask", "allow")
+NAN_POLICIES = ("stop", "skip")
 AUGMENT_KEYS = (
     "color_strength",
     "blur",
@@ -69,6 +70,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(float(config.optim.base_learning_rate) > 0, "optim.base_learning_rate", "must be > 0")
     for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(int(config[f]) > 0, f, f"must be > 0, got {config[f]}")
+    policy = config.get("nan_policy", "stop")
+    _require(policy in NAN_POLICIES, "nan_policy", f"{policy!r} not in {NAN_POLICIES}")
+    _require(int(config.get("nan_max_skips", 1)) >= 1, "nan_max_skips", "must be >= 1")
     if config.method in methods.names():
         for k in AUGMENT_KEYS:
             _require(k in config.augment, f"augment.{k}", "missing")

@@ -127,8 +127,13 @@ def _builder_class(module, base: str) -> type[tfds.core.DatasetBuilder]:
     return tfds.builder_cls(base)
 
 
-def make_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """Instantiates the builder for `name` ('demo' or 'name/config'), never touching GCS."""
+def make_builder(
+    name: str, data_dir: str | None = None, *, skip_bad_rows: bool = False
+) -> tfds.core.DatasetBuilder:
+    """Instantiates the builder for `name` ('demo' or 'name/config'), never touching GCS.
+
+    `skip_bad_rows` goes to the real-data builders (case_builder.CaseBuilder): bad rows are
+    dropped and listed in the metadata instead of stopping the build."""
     module = import_builder_module(name)
     base, _, config = name.partition("/")
     cls = _builder_class(module, base)
@@ -137,7 +142,11 @@ def make_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
         raise ValueError(
             f"unknown config {config!r} for dataset {base!r}; valid configs: {tuple(configs)}"
         )
-    kwargs = {"config": config} if config else {}
+    kwargs: dict[str, Any] = {"config": config} if config else {}
+    from data_builders.case_builder import CaseBuilder
+
+    if skip_bad_rows and issubclass(cls, CaseBuilder):
+        kwargs["skip_bad_rows"] = True
     return cls(data_dir=default_data_dir(data_dir), **kwargs)
 
 
@@ -164,11 +173,17 @@ def prepare(
     builder.download_and_prepare(download_config=config)
 
 
+class UnknownSplitError(ValueError):
+    """The dataset has no split of that name (the message lists the ones it has)."""
+
+
 def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     valid = tuple(builder.info.splits.keys())
     base = str(split).split("[")[0]
     if base not in valid:
-        raise ValueError(f"unknown split {split!r} for dataset {builder.name!r}; valid: {valid}")
+        raise UnknownSplitError(
+            f"unknown split {split!r} for dataset {builder.name!r}; valid: {valid}"
+        )
 
 
 def _default_transform(
@@ -357,6 +372,7 @@ def load(
     process_index: int = 0,
     process_count: int = 1,
     unlabel_rest: bool = False,
+    skip_bad_rows: bool = False,
 ) -> tuple[tf.data.Dataset, DataSpec]:
     """Per-case dataset, deterministic order, not shuffled, not repeated.
 
@@ -378,7 +394,7 @@ def load(
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"options must be a mapping, got {type(options).__name__}")
     module = import_builder_module(name)
-    builder = make_builder(name, data_dir)
+    builder = make_builder(name, data_dir, skip_bad_rows=skip_bad_rows)
     # Prepare first: builders such as derm_csv learn their class names from the data.
     prepare(builder, manual_dir, data_dir)
     fn, fields = _resolve_transform(module, options, builder.info)

@@ -22,7 +22,16 @@ import orbax.checkpoint as ocp
 from clu import metric_writers
 
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import config_lib, input_pipeline, losses, metrics, optim, predictions, sharding
+from medssl_jax import (
+    config_lib,
+    datasets,
+    input_pipeline,
+    losses,
+    metrics,
+    optim,
+    predictions,
+    sharding,
+)
 from medssl_jax.loop import fit
 from medssl_jax.state import Built, TrainState, compile_train, label_structs, make_init
 
@@ -100,7 +109,16 @@ def build(
     }
     step = make_train_step(model, tx, lr, label_kind=label_kind)
     init = make_init(model, tx, size)
-    built = compile_train(model, tx, lr, step, mesh, init=init, abstract_batch=abstract_batch)
+    built = compile_train(
+        model,
+        tx,
+        lr,
+        step,
+        mesh,
+        init=init,
+        abstract_batch=abstract_batch,
+        nan_policy=config.get("nan_policy", "stop"),
+    )
     return built, eval_jit
 
 
@@ -191,21 +209,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.make_mesh()
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
     pidx, pcount = jax.process_index(), jax.process_count()
-    train_store = input_pipeline.load_store(
-        config.data,
-        config.data.split,
-        label_fraction=float(config.data.label_fraction),
-        process_index=pidx,
-        process_count=pcount,
-    )
     eval_splits = list(config.eval_splits)
     val_split = config.get("val_split", "")
     if val_split and val_split not in eval_splits:
         eval_splits.insert(0, val_split)
-    eval_stores = {
-        s: input_pipeline.load_store(config.data, s, process_index=pidx, process_count=pcount)
-        for s in eval_splits
-    }  # all read (and validated) before anything is compiled
+
+    def load(split: str, field: str, **kw: Any) -> input_pipeline.CaseStore:
+        try:
+            return input_pipeline.load_store(
+                config.data, split, process_index=pidx, process_count=pcount, **kw
+            )
+        except datasets.UnknownSplitError as e:
+            raise config_lib.ConfigError(f"config.{field}: {e}") from None
+
+    train_store = load(
+        config.data.split, "data.split", label_fraction=float(config.data.label_fraction)
+    )
+    eval_stores = {  # all read (and validated) before anything is compiled
+        s: load(s, "val_split" if s == val_split else "eval_splits") for s in eval_splits
+    }
     spec = train_store.spec
     total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
     logging.info(

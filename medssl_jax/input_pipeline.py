@@ -79,6 +79,7 @@ def load_store(
         process_index=process_index,
         process_count=process_count,
         unlabel_rest=unlabel_rest,
+        skip_bad_rows=bool(data.get("skip_bad_rows", False)),
     )
     store = CaseStore(spec, [], [], [], [], np.zeros(0, np.int32), [], None)
     keys, masks = [], []

@@ -4,6 +4,11 @@ A stage supplies a compiled step `(state, batch) -> (state, metrics)` and a batc
 starts at any step; this loop owns everything else: resume from the workdir, checkpoints on an
 interval / at the end / on SIGTERM, NaN guard, clu metric writers, progress with images/sec and
 ETA, collapse warnings, and the run summary.
+
+NaN guard: only a finite state is ever checkpointed. A non-finite loss (or state at a save)
+stops the run with DivergenceError naming the newest checkpoint, which a rerun resumes from;
+with nan_policy='skip' the step drops such updates itself (state.skip_nonfinite) and the loop
+logs them, stopping after nan_max_skips in a row.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from clu import metric_writers, periodic_actions
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import sharding
 from medssl_jax.state import TrainState
+
+
+class DivergenceError(FloatingPointError):
+    """The loss or the state became NaN/inf; the message names the newest finite checkpoint."""
 
 
 def write_json(path: str, obj: Mapping[str, Any]) -> None:
@@ -80,13 +89,16 @@ def fit(
         async_save=bool(config.get("async_checkpointing", True)),
     )
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, _ = checkpointer.restore(restore_abstract, latest)
+    found = checkpointer.restore_newest_usable(restore_abstract)
+    if found is not None:
+        state = found[0]
         start_step = int(jax.device_get(state.step))
         logging.info("Resumed from checkpoint at step %d in %s", start_step, checkpointer.directory)
     else:
         logging.info("No checkpoint in %s: starting from step 0", checkpointer.directory)
+    policy = str(config.get("nan_policy", "stop"))
+    max_skips = int(config.get("nan_max_skips", 10))
+    skips_in_row = 0
     meta = dict(meta)
 
     writer = metric_writers.create_default_writer(
@@ -121,7 +133,9 @@ def fit(
                 compile_time = time.time() - t0
                 logging.info("First step (compile + run) took %.1f s", compile_time)
             if prev_metrics is not None:
-                _check_finite(prev_metrics, step - 1, checkpointer)
+                skips_in_row = _check_finite(
+                    prev_metrics, step - 1, checkpointer, summary, skips_in_row, max_skips
+                )
             prev_metrics = metrics
             step += 1
             history.append(metrics)
@@ -130,7 +144,6 @@ def fit(
             if after_step is not None:
                 after_step(step, state)
             if step % log_every == 0 or step == total_steps:
-                _check_finite(metrics, step - 1, checkpointer)
                 last = _mean_metrics(history)
                 dt = max(time.time() - t_log, 1e-9)
                 last["images_per_sec"] = steps_in_window * images_per_step / dt
@@ -158,7 +171,12 @@ def fit(
             stop = preempted or (stop_after > 0 and step - start_step >= stop_after)
             if stop or step == total_steps or step % int(config.checkpoint_every_steps) == 0:
                 jax.block_until_ready(metrics)
-                _check_finite(metrics, step - 1, checkpointer)
+                skips_in_row = _check_finite(
+                    metrics, step - 1, checkpointer, summary, skips_in_row, max_skips
+                )
+                prev_metrics = None  # checked
+                if not ckpt_lib.all_finite(state):  # the loss can be finite a step too long
+                    _diverged(f"the train state became non-finite by step {step}", checkpointer)
                 meta.update(step=step, epoch=epoch_of_step(step) if epoch_of_step else None)
                 checkpointer.save(step, state, meta, force=stop or step == total_steps)
             if stop:
@@ -169,8 +187,11 @@ def fit(
                     step,
                 )
                 break
+    if prev_metrics is not None:
+        _check_finite(prev_metrics, step - 1, checkpointer, summary, skips_in_row, max_skips)
     checkpointer.close()
     writer.flush()
+    summary.setdefault("nan_policy", policy)
     summary.update(
         step=step,
         final_metrics=last,
@@ -181,16 +202,39 @@ def fit(
     return state, summary
 
 
-def _check_finite(metrics: Mapping[str, jax.Array], step: int, checkpointer) -> None:
-    loss = float(jax.device_get(metrics["loss"]))
+def _check_finite(
+    metrics: Mapping[str, jax.Array],
+    step: int,
+    checkpointer: ckpt_lib.Checkpointer,
+    summary: dict[str, Any],
+    skips_in_row: int,
+    max_skips: int,
+) -> int:
+    """Raises DivergenceError on a non-finite loss, unless the step skipped that update
+    (nan_policy='skip'); returns the number of consecutive skipped steps."""
+    host = jax.device_get({k: metrics[k] for k in ("loss", "skipped") if k in metrics})
+    loss = float(host["loss"])
+    if float(host.get("skipped", 0.0)) > 0:
+        summary.setdefault("skipped_steps", []).append(step)
+        logging.warning("step %d: loss %s, update skipped (nan_policy=skip)", step, loss)
+        if skips_in_row + 1 >= max_skips:
+            _diverged(
+                f"{skips_in_row + 1} updates in a row were non-finite (nan_max_skips)", checkpointer
+            )
+        return skips_in_row + 1
     if not math.isfinite(loss):
-        good = checkpointer.latest_step()
-        checkpointer.close()
-        raise FloatingPointError(
-            f"loss became {loss} at step {step}; stopping. Last good checkpoint: "
-            f"{'none' if good is None else f'step {good}'} in {checkpointer.directory}. "
-            "Lower the learning rate or check the data."
-        )
+        _diverged(f"the loss became {loss} at step {step}", checkpointer)
+    return 0
+
+
+def _diverged(what: str, checkpointer: ckpt_lib.Checkpointer) -> None:
+    good = checkpointer.latest_step()  # every saved step is finite (checked before saving)
+    checkpointer.close()
+    where = "none yet" if good is None else f"step {good} in {checkpointer.directory}"
+    raise DivergenceError(
+        f"{what}; stopped. Newest checkpoint (finite): {where}; rerunning resumes from it. "
+        "Lower optim.base_learning_rate, check the data, or set nan_policy=skip."
+    )
 
 
 def _fmt_seconds(s: float) -> str:

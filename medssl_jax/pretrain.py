@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import config_lib, input_pipeline, methods, optim, sharding
+from medssl_jax import config_lib, datasets, input_pipeline, methods, optim, sharding
 from medssl_jax.loop import fit, write_json
 from medssl_jax.state import Built, TrainState, compile_train, init_variables, label_structs
 
@@ -119,7 +119,15 @@ def build(
             (b, n, s, s, 3), jnp.float32, sharding=data_sh
         )
     return compile_train(
-        parts.model, tx, lr, step, mesh, init=init, abstract_batch=abstract_batch, method=parts
+        parts.model,
+        tx,
+        lr,
+        step,
+        mesh,
+        init=init,
+        abstract_batch=abstract_batch,
+        method=parts,
+        nan_policy=config.get("nan_policy", "stop"),
     )
 
 
@@ -160,15 +168,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     multi_instance = bool(config.sampler.multi_instance)
     method = methods.get(config.method)
     views = method.views(config)
-    store = input_pipeline.load_store(
-        config.data,
-        config.data.split,
-        # Every image is used; labels (probe / hybrid supervision) only of this case fraction.
-        label_fraction=float(config.data.get("label_fraction", 1.0)),
-        unlabel_rest=True,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    try:
+        store = input_pipeline.load_store(
+            config.data,
+            config.data.split,
+            # Every image is used; labels (probe / hybrid supervision) only of this fraction.
+            label_fraction=float(config.data.get("label_fraction", 1.0)),
+            unlabel_rest=True,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    except datasets.UnknownSplitError as e:
+        raise config_lib.ConfigError(f"config.data.split: {e}") from None
     spec = store.spec
     epoch_items = spec.num_cases if multi_instance else spec.num_images
     total_steps, warmup_steps = config_lib.steps(config, epoch_items)

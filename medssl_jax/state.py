@@ -65,6 +65,27 @@ def label_structs(
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding) for k in keys}
 
 
+def skip_nonfinite(
+    step: Callable[[TrainState, dict], tuple[TrainState, dict]],
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`step`, except that an update giving a non-finite loss or state is dropped: parameters,
+    statistics, optimiser and method state stay as they were, the step counter advances (so
+    the batches stay a function of the step) and metrics['skipped'] is 1 (nan_policy='skip')."""
+
+    def guarded(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        new, metrics = step(state, batch)
+        floats = [
+            x
+            for x in jax.tree.leaves((new, metrics["loss"]))
+            if jnp.issubdtype(x.dtype, jnp.inexact)
+        ]
+        ok = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
+        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return kept.replace(step=new.step), {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
+
+    return guarded
+
+
 def compile_train(
     model: Any,
     tx: optax.GradientTransformation,
@@ -75,10 +96,14 @@ def compile_train(
     init: Callable[[jax.Array], TrainState],
     abstract_batch: dict[str, jax.ShapeDtypeStruct],
     method: Any = None,
+    nan_policy: str = "stop",
 ) -> Built:
     """Jits `step` over `mesh` (state replicated and donated, batch sharded on 'data') and
-    the state initialiser; the abstract state allows lowering without allocating anything."""
+    the state initialiser; the abstract state allows lowering without allocating anything.
+    nan_policy 'skip' wraps the step in `skip_nonfinite`; 'stop' leaves it to the loop."""
     repl = sharding.replicated(mesh)
+    if nan_policy == "skip":
+        step = skip_nonfinite(step)
     return Built(
         model=model,
         tx=tx,
