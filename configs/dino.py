@@ -60,8 +60,12 @@ def demo(c):
     """Tiny ResNet, 64 px global + 4 x 32 px local crops, a small head (K = 1024).
 
     AdamW, not the SimCLR demo's LARS at 4.8: LARS gives the head's biases the raw rate and one
-    step makes the head's output constant. Known open problem: at the demo budget the teacher's
-    outputs still become uniform (sample_entropy = ln K) with every setting tried so far (README).
+    step makes the head's output constant. BatchNorm in the head (as DINO's ResNet-50 recipe):
+    without it the pooled ResNet features share one large mean direction, every image gets the
+    same head output from the first step (assignment entropy = per-image entropy), centring
+    then leaves a uniform teacher, and linear eval stays at random level. With it the teacher
+    still drifts towards uniform (sample_entropy ~6.85 of ln K = 6.93 at 600 steps) but
+    linear eval beats random weights on validation in 3/3 seeds (README).
     """
     common.demo(c)
     common.multi_crop(c, num_local=4, local_size=32)
@@ -75,7 +79,7 @@ def demo(c):
     c.dino.out_dim = 1024
     c.dino.hidden_dim = 256
     c.dino.bottleneck_dim = 64
-    c.dino.use_bn_in_head = False
+    c.dino.use_bn_in_head = True
     c.dino.momentum_teacher = 0.99  # a 600-step run: 0.996 leaves the teacher near its init
     c.dino.warmup_teacher_temp, c.dino.teacher_temp = 0.04, 0.07
     c.dino.warmup_teacher_temp_epochs = 3.0

@@ -76,3 +76,44 @@ def test_two_processes_match_one_device(tmp_path):
         assert np.mean(flags) > 0.5, method
     assert any(k.startswith("dino/final") and "teacher" in k for k in s.files)
     assert "dino/final['extra']['center']" in s.files
+
+
+def test_input_pipeline_of_two_processes_splits_patients_and_fills_both_halves(tfds_data_dir):
+    """What each of 2 processes feeds (the pipeline is host-local: process_index/count are its
+    only inputs): disjoint patient shards covering the data, local batches of B/2 from the own
+    shard, and MICLe's global batch (both halves) with no patient twice."""
+    from medssl_jax import config_lib, input_pipeline, methods, pretrain
+    from tests.utils import tiny_pretrain_config
+
+    config = tiny_pretrain_config("micle")
+    data = {"name": "demo", "data_dir": tfds_data_dir}
+    whole = input_pipeline.load_store(data, "train")
+    stores = [
+        input_pipeline.load_store(data, "train", process_index=p, process_count=2) for p in (0, 1)
+    ]
+    ids = [set(s.case_ids) for s in stores]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == set(whole.case_ids)
+    for p, s in enumerate(stores):
+        assert s.num_cases > 0 and all(int(k) % 2 == p for k in s.patient_keys)
+    views = methods.get("simclr").views(config)
+    local = config.batch_size // 2
+    halves = []
+    for p, s in enumerate(stores):
+        ds, _ = input_pipeline.pretrain_dataset(
+            s,
+            batch_size=local,
+            views=views,
+            aug=config_lib.augment_kwargs(config),
+            seed=0,
+            process_index=p,
+            **pretrain.sampler_options(config),
+        )
+        it = ds.as_numpy_iterator()
+        halves.append([next(it) for _ in range(4)])
+    for step in range(4):
+        a, b = halves[0][step], halves[1][step]
+        assert a["views"].shape[0] == b["views"].shape[0] == local
+        assert all(int(k) % 2 == 0 for k in a["patient_key"])
+        assert all(int(k) % 2 == 1 for k in b["patient_key"])
+        keys = np.concatenate([a["patient_key"], b["patient_key"]]).tolist()
+        assert len(set(keys)) == len(keys)

@@ -173,6 +173,8 @@ def test_impossible_configs_fail_fast_naming_the_field(tmp_path):
             "method": {"method": "byol"},
             "sampler.same_patient": {"sampler.same_patient": "sometimes"},
             "crops.num_local": {"crops.num_local": 2},
+            "nan_policy": {"nan_policy": "retry"},
+            "nan_max_skips": {"nan_max_skips": 0},
         },
         "swav": {
             "swav.queue_length": {"swav.queue_length": 20},  # not a multiple of the batch
