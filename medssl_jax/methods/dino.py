@@ -49,6 +49,9 @@ class DINOHead(nn.Module):
             last = i == self.num_layers - 1
             x = nn.Dense(
                 self.bottleneck_dim if last else self.hidden_dim,
+                # A bias before BatchNorm only gets round-off gradients, which Adam would
+                # amplify into real steps: none there.
+                use_bias=last or not self.use_bn,
                 kernel_init=trunc_normal,
                 dtype=jnp.float32,
                 name=f"mlp_{i}",
