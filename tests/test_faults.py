@@ -410,7 +410,7 @@ def test_skip_bad_rows_from_the_config_reaches_the_builder(tmp_path, derm_manual
     assert store.spec.num_images == clean.spec.num_images - 1  # just that row dropped
 
 
-def test_header_only_csv_is_an_error_and_caches_nothing(tmp_path, derm_manual):
+def test_empty_or_header_only_csv_is_an_error_and_caches_nothing(tmp_path, derm_manual):
     from medssl_jax import input_pipeline
 
     csv = derm_manual / "labels.csv"
@@ -418,6 +418,9 @@ def test_header_only_csv_is_an_error_and_caches_nothing(tmp_path, derm_manual):
     csv.write_text(full.splitlines()[0] + "\n")
     data = {"name": "derm_csv", "data_dir": str(tmp_path / "d"), "manual_dir": str(derm_manual)}
     with pytest.raises(train.BadInputError, match=r"labels\.csv: the header is there but no data"):
+        input_pipeline.load_store(data, "train")
+    csv.write_text("")
+    with pytest.raises(train.BadInputError, match=r"labels\.csv, row 1: empty file"):
         input_pipeline.load_store(data, "train")
     csv.write_text(full)  # fixed: the same data_dir now builds
     assert input_pipeline.load_store(data, "train").spec.num_cases > 0
