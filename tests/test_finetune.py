@@ -127,7 +127,7 @@ def test_warm_start_rejects_mismatched_architecture(tmp_path, pretrained_dir):
         c, mesh, num_classes=3, label_kind="multiclass", total_steps=2, warmup_steps=0
     )
     state = built.init(jax.random.key(0))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"init_checkpoint .*bn1.*shape \(8,\)"):
         checkpoint.warm_start(state, pretrained_dir, ("backbone",))
 
 
