@@ -26,6 +26,12 @@ setuptools.setup(
         "pillow>=10",
         "importlib_resources>=6",  # tensorflow-datasets imports it but does not declare it
         "matplotlib>=3.8",
+        # DICOM (data_builders/dicom_folder): RLE natively, baseline JPEG via Pillow, JPEG 2000
+        # via pylibjpeg-openjpeg (MIT). JPEG lossless / 12-bit extended would need the GPL
+        # pylibjpeg-libjpeg, deliberately not a dependency: such files are named errors.
+        "pydicom>=3.0,<4",
+        "pylibjpeg>=2,<3",
+        "pylibjpeg-openjpeg>=2,<3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6"],

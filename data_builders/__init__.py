@@ -4,4 +4,12 @@
 builder class; the reader hook each package may expose is documented in medssl_jax/datasets.py.
 """
 
-KNOWN = ("demo", "chexpert", "ham10000", "pad_ufes20", "derm_csv", "image_folder_unlabeled")
+KNOWN = (
+    "demo",
+    "chexpert",
+    "ham10000",
+    "pad_ufes20",
+    "derm_csv",
+    "image_folder_unlabeled",
+    "dicom_folder",
+)
