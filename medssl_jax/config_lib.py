@@ -48,7 +48,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(int(config.batch_size) > 0, "batch_size", f"must be > 0, got {config.batch_size}")
     steps_ok = int(config.get("num_steps", -1)) > 0 or float(config.get("num_epochs", 0)) > 0
     _require(steps_ok, "num_steps", "set num_steps > 0 or num_epochs > 0")
-    _require(config.data.name in KNOWN, "data.name", f"{config.data.name!r} not in {KNOWN}")
+    base = str(config.data.name).partition("/")[0]  # 'name' or 'name/builder_config'
+    _require(base in KNOWN, "data.name", f"{config.data.name!r}: {base!r} not in {KNOWN}")
     _require(int(config.data.image_size) >= 16, "data.image_size", "must be >= 16")
     lf = float(config.data.get("label_fraction", 1.0))
     _require(0.0 < lf <= 1.0, "data.label_fraction", f"must be in (0, 1], got {lf}")
