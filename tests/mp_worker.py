@@ -24,7 +24,13 @@ if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 if int(nproc) > 1:
     jax.distributed.initialize(
-        coordinator_address=f"localhost:{port}", num_processes=int(nproc), process_id=int(pid)
+        coordinator_address=f"localhost:{port}",
+        num_processes=int(nproc),
+        process_id=int(pid),
+        # 2 processes x 4 fake devices share 2 CPU cores with the rest of the suite: under that
+        # load one process can reach shutdown minutes after the other (CI once hit the 300 s).
+        shutdown_timeout_seconds=1800,
+        heartbeat_timeout_seconds=600,
     )
 
 from medssl_jax import pretrain, sharding  # noqa: E402
@@ -70,3 +76,7 @@ if jax.process_index() == 0:
     with open(out + ".json", "w") as f:
         json.dump(results, f)
     np.savez(out + ".npz", **arrays)
+if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("mp_worker_done")  # leave together
