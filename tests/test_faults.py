@@ -108,7 +108,7 @@ def test_kill_at_any_moment_then_resume_equals_uninterrupted_run(tmp_path, tfds_
     saved = int(w.wait_for("SAVE 6").split()[1])  # killed with the async write in flight
     w.kill(signal.SIGKILL)
 
-    w = Worker(run, tfds_data_dir)
+    w = Worker(run, tfds_data_dir, slow_rename=1.0)  # >= 3 s per save: the run outlives 2 s
     w.wait_for("STEP")
     time.sleep(rng.uniform(0.0, 2.0))  # anywhere: mid step, mid save, mid commit
     w.kill(signal.SIGKILL)
