@@ -36,6 +36,15 @@ if int(nproc) > 1:
 from medssl_jax import pretrain, sharding  # noqa: E402
 from tests.test_pretrain import METHODS, batches_for, method_config  # noqa: E402
 
+
+def barrier(name: str) -> None:
+    """All processes meet here (coordination service, generous timeout; not a collective)."""
+    from jax._src import distributed
+
+    if distributed.global_state.client is not None:
+        distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=1_800_000)
+
+
 mesh = sharding.make_mesh()
 assert mesh.devices.size == int(nproc) * int(ndev), mesh
 results, arrays = {}, {}
@@ -64,10 +73,14 @@ for method in METHODS:
     keep = lambda s: {"params": s.params, "batch_stats": s.batch_stats, "extra": s.extra}  # noqa: E731
     for k, v in host(keep(state)).items():
         arrays[f"{method}/init{k}"] = v
-    metrics = []
+    metrics, step = [], None
     for full in batches_for(config):
         local = {k: v[lo:hi] for k, v in full.items() if k in built.abstract_batch}
-        state, m = built.step(state, sharding.to_global(local, mesh))
+        batch = sharding.to_global(local, mesh)
+        if step is None:  # compile first, then meet: gloo's 30 s set-up never waits on XLA
+            step = built.step.lower(state, batch).compile()
+            barrier(f"{method}_compiled")
+        state, m = step(state, batch)
         metrics.append({k: float(np.asarray(v.addressable_data(0))) for k, v in m.items()})
     for k, v in host(keep(state)).items():
         arrays[f"{method}/final{k}"] = v
