@@ -1,12 +1,18 @@
-"""Data pipeline throughput: preparation (images/s while building a dataset) and reading (decoded
-images/s through `load` + `to_images` + `decode_image`).
+"""Input pipeline at scale: host memory and start-up against dataset size, and read throughput.
 
-    python benchmarks/bench_data.py                       # demo, fresh temporary data_dir
-    python benchmarks/bench_data.py --name ham10000 --manual_dir /data/ham --data_dir /tfds
-    python benchmarks/bench_data.py --out bench_data.json
+    # memory / start-up of a pretraining run's input pipeline on generated 32-px datasets
+    python benchmarks/bench_data.py scale --sizes 10000,100000,1000000 \\
+        --data_dir /tmp/bench_scale --out benchmarks/results/bench_data_scale.json
+    # throughput at 224 px on real X-rays (the shared NIH set, upscaled to 256-px JPEGs)
+    python benchmarks/bench_data.py throughput --nih ../shared/data/nih_cxr_1000 \\
+        --out benchmarks/results/bench_data_throughput.json
 
-With --data_dir pointing at an already prepared dataset, preparation is not re-timed (reported
-as null) unless --rebuild is given.
+`scale` prepares one generated dataset per size (timed once: preparation, not start-up), then
+measures each in a FRESH process: start-up (`load_store` + first batch), peak resident memory
+above the imports, and the O(cases) metadata it holds (`CaseStore.nbytes` + the schedule), as
+bytes per case. `throughput` times the pretraining pipeline (2 x 224-px SimCLR views, uint8)
+with the colour stage on the host and on the device, and reports the host cores needed to
+feed one accelerator at `--demand` images/s.
 """
 
 from __future__ import annotations
@@ -14,118 +20,315 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
-from medssl_jax import datasets  # noqa: E402
+from medssl_jax import augment, datasets, input_pipeline  # noqa: E402
+from medssl_jax.methods.base import Crops, Views  # noqa: E402
+
+SIZES = (1_000, 10_000, 100_000, 1_000_000)
+POOL = 256  # distinct encoded images cycled through (generation cost is not what we measure)
 
 
-def bench_prepare(name: str, data_dir: str, manual_dir: str | None, rebuild: bool) -> dict:
-    """Builds `name` in `data_dir` (if needed) and times it; images counted over all splits."""
-    builder = datasets.make_builder(name, data_dir)
-    timed = rebuild or not builder.is_prepared()
-    if rebuild and builder.is_prepared():
-        shutil.rmtree(builder.data_dir)
-        builder = datasets.make_builder(name, data_dir)
+class BenchSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """N cases of one 32-px PNG each (two cases per patient), split 'train' only."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f"n{n}") for n in SIZES]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "case_id": tfds.features.Text(),
+                    "patient_id": tfds.features.Text(),
+                    "images": tfds.features.Sequence(tfds.features.Image(shape=(32, 32, 3))),
+                    "image_ids": tfds.features.Sequence(tfds.features.Text()),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(int(self.builder_config.name[1:]))}
+
+    def _generate_examples(self, n: int):
+        rng = np.random.default_rng(0)
+        pool = [
+            tf.io.encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).numpy()
+            for _ in range(POOL)
+        ]
+        for i in range(n):
+            case = f"c{i:07d}"
+            yield (
+                case,
+                {
+                    "case_id": case,
+                    "patient_id": f"p{i // 2:07d}",
+                    "images": [pool[i % POOL]],
+                    "image_ids": [f"{case}_0"],
+                },
+            )
+
+
+def _register() -> None:
+    module = types.ModuleType("data_builders.bench_synthetic")
+    module.BenchSynthetic = BenchSynthetic
+    sys.modules["data_builders.bench_synthetic"] = module
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM (reset by `_reset_peak`), else the process's lifetime maximum."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak() -> bool:
+    try:  # makes ru_maxrss restart from the current RSS (Linux)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+def scale_worker(n: int, data_dir: str, batch: int, steps: int) -> dict:
+    """One fresh process: start-up, peak RSS and metadata of a pretraining pipeline on n cases."""
+    _register()
+    views = Views(Crops(2, 32, (0.08, 1.0)))
+    # Warm the libraries on a tiny graph so their one-off allocations are not counted.
+    tf.constant(0).numpy()
+    base = _rss_bytes()
+    exact_peak = _reset_peak()
     start = time.perf_counter()
-    datasets.prepare(builder, manual_dir, data_dir)
-    seconds = time.perf_counter() - start
-    splits = {}
-    for split in builder.info.splits.keys():
-        _, spec = datasets.load(name, split, data_dir=data_dir)
-        splits[split] = {"cases": spec.num_cases, "images": spec.num_images}
-    images = sum(s["images"] for s in splits.values())
-    return {
-        "splits": splits,
-        "prepare_seconds": seconds if timed else None,
-        "prepare_images_per_sec": images / seconds if timed else None,
-    }
-
-
-def bench_read(name: str, split: str, data_dir: str, epochs: int, batch: int) -> dict:
-    """Decoded images/s of `split`, after one warm-up pass (file cache, tf.function tracing)."""
-    ds, spec = datasets.load(name, split, data_dir=data_dir)
-    images = datasets.to_images(ds).map(
-        lambda e: datasets.decode_image(e["image"]), num_parallel_calls=tf.data.AUTOTUNE
+    store = input_pipeline.load_store(
+        {"name": f"bench_synthetic/n{n}", "data_dir": data_dir}, "train"
     )
-    # Images of different sizes cannot be batched densely: count pixels per element instead.
-    images = images.map(lambda x: tf.cast(tf.size(x), tf.int64)).batch(batch)
-    rates = []
-    for epoch in range(epochs + 1):
-        start = time.perf_counter()
-        n = 0
-        pixels = 0
-        for sizes in images:
-            n += int(sizes.shape[0])
-            pixels += int(tf.reduce_sum(sizes))
-        if epoch > 0:  # epoch 0 is warm-up
-            rates.append(n / (time.perf_counter() - start))
+    loaded = time.perf_counter()
+    ds, sched = input_pipeline.pretrain_dataset(
+        store, batch_size=batch, views=views, aug=augment.recipe("simclr"), seed=0
+    )
+    it = ds.as_numpy_iterator()
+    next(it)
+    first = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    done = time.perf_counter()
+    schedule_bytes = sum(a.nbytes for a in sched._epoch_cache.values())
     return {
-        "split": split,
-        "images": n,
-        "mean_pixels": pixels / max(n, 1) / 3,
-        "read_images_per_sec": max(rates) if rates else None,
-        "read_images_per_sec_all": rates,
-        "spec_num_images": spec.num_images,
+        "cases": store.num_cases,
+        "load_store_s": loaded - start,
+        "startup_s": first - start,  # load_store + first batch
+        "images_per_s": steps * batch * 2 / (done - first),
+        "peak_rss_above_base_bytes": _peak_rss_bytes() - base if exact_peak else None,
+        "rss_after_bytes": _rss_bytes() - base,
+        "metadata_bytes": store.nbytes() + schedule_bytes,
+        "metadata_bytes_per_case": (store.nbytes() + schedule_bytes) / store.num_cases,
     }
+
+
+def run_scale(sizes: list[int], data_dir: str, batch: int, steps: int) -> dict:
+    _register()
+    rows = []
+    for n in sizes:
+        builder = datasets.make_builder(f"bench_synthetic/n{n}", data_dir)
+        start = time.perf_counter()
+        fresh = not builder.is_prepared()
+        datasets.load(f"bench_synthetic/n{n}", "train", data_dir=data_dir)  # prepare + index
+        prepare_s = time.perf_counter() - start if fresh else None
+        out = subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "_scale_worker",
+                str(n),
+                data_dir,
+                str(batch),
+                str(steps),
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = {"n": n, "prepare_and_index_s": prepare_s, **json.loads(out.stdout.splitlines()[-1])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    small, big = rows[0], rows[-1]
+    summary = {}
+    if len(rows) > 1:
+
+        def growth(key: str) -> float | None:
+            if small[key] is None or big[key] is None:
+                return None
+            return big[key] / small[key] - 1.0
+
+        without_meta = {
+            r["n"]: (r["peak_rss_above_base_bytes"] or r["rss_after_bytes"]) - r["metadata_bytes"]
+            for r in rows
+        }
+        summary = {
+            "from_to": [small["n"], big["n"]],
+            "startup_growth": growth("startup_s"),
+            "peak_rss_growth": growth("peak_rss_above_base_bytes"),
+            "peak_rss_minus_metadata_growth": without_meta[big["n"]] / without_meta[small["n"]] - 1,
+            "metadata_bytes_per_case": big["metadata_bytes_per_case"],
+            "rss_bytes_per_extra_case": (
+                (big["peak_rss_above_base_bytes"] or big["rss_after_bytes"])
+                - (small["peak_rss_above_base_bytes"] or small["rss_after_bytes"])
+            )
+            / (big["n"] - small["n"]),
+        }
+    return {"rows": rows, "summary": summary}
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def _nih_jpegs(nih: str, root: str, size: int) -> int:
+    """The shared NIH X-rays (64 px) upscaled (bicubic) to size px JPEGs: root/<patient>/x.jpg."""
+    n = 0
+    for dirpath, _, files in os.walk(nih):
+        for name in sorted(files):
+            if not name.endswith(".png"):
+                continue
+            img = tf.io.decode_png(tf.io.read_file(os.path.join(dirpath, name)), channels=3)
+            big = tf.image.resize(img, (size, size), method="bicubic")
+            big = tf.cast(tf.clip_by_value(tf.round(big), 0, 255), tf.uint8)
+            patient = name.split("_")[0]
+            os.makedirs(os.path.join(root, patient), exist_ok=True)
+            split = os.path.basename(os.path.dirname(dirpath))
+            path = os.path.join(root, patient, f"{split}_{name[:-4]}.jpg")
+            tf.io.write_file(path, tf.io.encode_jpeg(big, quality=95))
+            n += 1
+    return n
+
+
+def _rate(it, batch: int, per_example: int, steps: int) -> float:
+    next(it)  # warm-up (tracing, file cache)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return steps * batch * per_example / (time.perf_counter() - start)
+
+
+def run_throughput(
+    nih: str, data_dir: str, size: int, batch: int, steps: int, demand: float
+) -> dict:
+    manual = os.path.join(data_dir, "nih_jpeg")
+    if not os.path.isdir(manual):
+        _nih_jpegs(nih, manual, size + size // 7)  # 256 px for 224-px crops
+    data = {"name": "image_folder_unlabeled", "data_dir": data_dir, "manual_dir": manual}
+    store = input_pipeline.load_store(data, "train")
+    # Raw random reads of encoded records (no decoding).
+    order = np.random.default_rng(0).permutation(store.num_images)
+    pairs = [tuple(int(x) for x in store.flat_index()[r]) for r in order]
+    start = time.perf_counter()
+    nbytes = sum(len(b) for k in range(0, len(pairs), 256) for b in store.read(pairs[k : k + 256]))
+    read_s = time.perf_counter() - start
+    views = Views(Crops(2, size, (0.08, 1.0)))
+    out = {
+        "images": store.num_images,
+        "mean_jpeg_bytes": nbytes / len(pairs),
+        "random_read_images_per_s": len(pairs) / read_s,
+        "random_read_mb_per_s": nbytes / read_s / 2**20,
+        "cores": os.cpu_count(),
+        "demand_images_per_s": demand,
+    }
+    for on_device in (False, True):
+        ds, _ = input_pipeline.pretrain_dataset(
+            store,
+            batch_size=batch,
+            views=views,
+            aug=augment.recipe("simclr"),
+            seed=0,
+            color_on_device=on_device,
+        )
+        rate = _rate(ds.as_numpy_iterator(), batch, 2, steps)
+        key = "colour_on_device" if on_device else "colour_on_host"
+        out[f"pipeline_images_per_s_{key}"] = rate
+        out[f"cores_per_accelerator_{key}"] = demand / (rate / os.cpu_count())
+    return out
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="demo", help="dataset (builder) name, e.g. demo/small")
-    parser.add_argument("--split", default="train", help="split to time reading on")
-    parser.add_argument("--data_dir", default=None, help="default: a fresh temporary directory")
-    parser.add_argument("--manual_dir", default=None, help="manual files of real data sets")
-    parser.add_argument("--rebuild", action="store_true", help="re-time preparation")
-    parser.add_argument("--epochs", type=int, default=3, help="timed read passes")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-
-    tmp = None
-    data_dir = args.data_dir
-    if data_dir is None:
-        tmp = tempfile.mkdtemp(prefix="bench_data_")
-        data_dir = tmp
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_scale_worker":
+        n, data_dir, batch, steps = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
+        result = scale_worker(n, data_dir, batch, steps)
+        print(json.dumps(result))
+        return result
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("scale")
+    s.add_argument("--sizes", default="10000,100000,1000000")
+    s.add_argument("--batch", type=int, default=256)
+    s.add_argument("--steps", type=int, default=20)
+    t = sub.add_parser("throughput")
+    t.add_argument("--nih", default="../shared/data/nih_cxr_1000")
+    t.add_argument("--size", type=int, default=224)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument(
+        "--demand",
+        type=float,
+        default=2500.0,
+        help="images/s one accelerator's train step consumes (assumed, e.g. a ResNet-50 "
+        "SimCLR step in bfloat16 on one current GPU; measure yours with bench_train.py)",
+    )
+    for q in (s, t):
+        q.add_argument("--data_dir", default=None, help="default: a temporary directory")
+        q.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    tmp = None if args.data_dir else tempfile.mkdtemp(prefix="bench_data_")
+    data_dir = args.data_dir or tmp
     try:
-        result = {"name": args.name, "data_dir": data_dir, "cpu_count": os.cpu_count()}
-        result.update(bench_prepare(args.name, data_dir, args.manual_dir, args.rebuild))
-        result.update(bench_read(args.name, args.split, data_dir, args.epochs, args.batch))
+        if args.mode == "scale":
+            sizes = sorted(int(x) for x in args.sizes.split(","))
+            bad = [n for n in sizes if n not in SIZES]
+            if bad:
+                p.error(f"--sizes: {bad} not among the generated sizes {SIZES}")
+            result = run_scale(sizes, data_dir, args.batch, args.steps)
+        else:
+            if not os.path.isdir(args.nih):
+                p.error(f"--nih: {args.nih!r} is not a directory")
+            result = run_throughput(
+                args.nih, data_dir, args.size, args.batch, args.steps, args.demand
+            )
     finally:
-        if tmp is not None:
+        if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    rows = [
-        ("dataset", args.name),
-        ("cores", result["cpu_count"]),
-        (
-            "cases / images (all splits)",
-            f"{sum(s['cases'] for s in result['splits'].values())} / "
-            f"{sum(s['images'] for s in result['splits'].values())}",
-        ),
-        ("prepare time (s)", _fmt(result["prepare_seconds"])),
-        ("prepare images/s", _fmt(result["prepare_images_per_sec"])),
-        (f"read split '{args.split}' images", result["images"]),
-        ("read decoded images/s (best pass)", _fmt(result["read_images_per_sec"])),
-        ("mean pixels per image (HxW)", _fmt(result["mean_pixels"])),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    result = {"mode": args.mode, "cpu_count": os.cpu_count(), **result}
+    print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
     return result
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a (already prepared)" if value is None else f"{value:,.1f}"
 
 
 if __name__ == "__main__":

@@ -185,8 +185,10 @@ def synthetic_batch(
     rng = np.random.default_rng(seed)
     batch = {}
     for k, a in abstract_batch.items():
-        if k in ("views", "local_views"):
-            x = rng.uniform(size=a.shape).astype(a.dtype)
+        if k in ("views", "local_views", "image"):
+            x = rng.integers(0, 256, size=a.shape).astype(a.dtype)
+        elif k == "color_params":
+            x = np.zeros(a.shape, a.dtype)  # flags 0; the device computes every op anyway
         elif k == "patient_key":
             x = np.arange(a.shape[0], dtype=a.dtype)
         elif k == "label" and a.ndim == 1 and num_classes > 0:

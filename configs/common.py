@@ -58,6 +58,9 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.augment.flip = True
     c.augment.grayscale_prob = 0.2
     c.augment.color_jitter_prob = 0.8
+    # Colour jitter, grayscale and blur in the train step on the accelerator (crops stay on the
+    # host): for hosts with few CPU cores per accelerator. Same draws either way.
+    c.augment.on_device = False
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.1  # NT-Xent (SimCLR); the other methods' live in their own section
@@ -150,14 +153,16 @@ def demo(c: ml_collections.ConfigDict) -> None:
 
 
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, dataset_variants: dict) -> None:
-    """Applies comma-separated variant names (architectures, datasets, 'micle') in order."""
+    """Applies comma-separated variant names (architectures, datasets, 'micle') in order. A
+    config's own variant wins over an architecture of the same name (dino.py's 'vit_s16' is
+    the whole ViT recipe, not only the backbone)."""
     for name in filter(None, (arg or "").split(",")):
         if name == "micle" and "sampler" in c:
             micle(c)
-        elif name in ARCHITECTURES:
-            c.model.variant = ARCHITECTURES[name]
         elif name in dataset_variants:
             dataset_variants[name](c)
+        elif name in ARCHITECTURES:
+            c.model.variant = ARCHITECTURES[name]
         else:
             valid = sorted(ARCHITECTURES) + sorted(dataset_variants)
             valid += ["micle"] if "sampler" in c else []

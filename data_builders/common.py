@@ -19,10 +19,12 @@ import dataclasses
 import io
 import json
 import os
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -446,3 +448,21 @@ def split_counts(splits: Mapping[str, Sequence[Case]]) -> dict[str, dict[str, in
         }
         for name, cs in splits.items()
     }
+
+
+def list_files(root: epath.Path, keep: Callable[[str, str], bool], builder: str) -> list[str]:
+    """Sorted relative posix paths of the files under `root` for which `keep(path, name)`;
+    hidden files and folders (leading '.') are skipped. BadInputError naming `builder` if
+    `root` is not a folder."""
+    if not root.is_dir():
+        raise BadInputError(f"{builder}: root folder not found: {root}")
+    out = []
+    base = str(root)
+    for dirpath, dirnames, filenames in tf.io.gfile.walk(base):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = posixpath.relpath(str(dirpath).replace("\\", "/"), base.replace("\\", "/"))
+        for name in filenames:
+            if name.startswith(".") or not keep(posixpath.join(str(dirpath), name), name):
+                continue
+            out.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+    return sorted(out)

@@ -10,6 +10,12 @@ Pipeline of a pretraining view (SimCLR, Chen et al. 2020; Azizi et al. 2021):
 random crop + bicubic resize -> rotation (optional) -> horizontal flip -> colour jitter (random
 order) -> grayscale -> Gaussian blur -> clip to [0, 1].
 
+The view splits in two so the colour half can run on the accelerator:
+``pretrain_view = apply_color(pretrain_geometry(...), color_params(...))``. The geometric half
+(crop, rotation, flip) stays on the host; ``color_params`` draws every random quantity of the
+colour half into a ``[NUM_COLOR_PARAMS]`` float32 vector (layout: the ``PARAM_*`` indices), and
+``apply_color`` here or ``augment_device.apply_color`` (JAX) applies it.
+
 Choices where SimCLR leaves freedom (documented here once):
 - The bicubic resize overshoots [0, 1]; we clip right after it so colour ops see valid pixels.
 - Gaussian blur pads with REFLECT (SimCLR uses zero SAME padding, which darkens borders);
@@ -36,6 +42,24 @@ _CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_MIN_OBJECT_COVERED = 0.1
 _CROP_MAX_ATTEMPTS = 100
 _BLUR_SIGMA_RANGE = (0.1, 2.0)
+
+# Layout of the colour parameter vector (float32 [NUM_COLOR_PARAMS]) that ``color_params`` draws
+# and ``apply_color`` (TF here, JAX in augment_device) consumes. Flags are 0.0 / 1.0.
+PARAM_JITTER = 0  # colour jitter applied
+PARAM_BRIGHTNESS = 1  # brightness factor (multiplicative; 1 = no-op)
+PARAM_CONTRAST = 2  # contrast factor (1 = no-op)
+PARAM_SATURATION = 3  # saturation factor (1 = no-op)
+PARAM_HUE = 4  # hue delta in turns, in [-0.5, 0.5] (0 = no-op)
+PARAM_ORDER = 5  # 4 slots [5, 9): jitter op order, a permutation of 0..3 (see _jitter_order)
+PARAM_GRAY = 9  # grayscale applied
+PARAM_BLUR = 10  # Gaussian blur applied
+PARAM_SIGMA = 11  # blur sigma (drawn even when blur is off; unused then)
+NUM_COLOR_PARAMS = 12
+_NEUTRAL_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue delta
+
+# pretrain_view keywords of each half (see split_view_kwargs).
+_GEOMETRY_KEYS = ("rotation_degrees", "flip", "area_range")
+_COLOR_KEYS = ("color_strength", "blur", "grayscale_prob", "color_jitter_prob")
 
 _RECIPES: dict[str, dict[str, Any]] = {
     # Standard SimCLR set (also used for dermatology in Azizi et al.).
@@ -116,6 +140,16 @@ def to_float_image(image: Any) -> tf.Tensor:
     if channels == 1:
         image = tf.tile(image, [1, 1, 3])
     return tf.ensure_shape(image, [None, None, 3])
+
+
+def _random_decision(p: float, seed: tf.Tensor) -> tf.Tensor:
+    """The float32 0/1 decision ``_random_apply`` takes: p >= 1 and p <= 0 draw nothing."""
+    if p <= 0.0:
+        return tf.constant(0.0, tf.float32)
+    if p >= 1.0:
+        return tf.constant(1.0, tf.float32)
+    u = tf.random.stateless_uniform([], seed=seed, dtype=tf.float32)
+    return tf.cast(u < p, tf.float32)
 
 
 def _random_apply(fn, p: float, seed: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
@@ -226,6 +260,48 @@ def _jitter_order(seed: tf.Tensor) -> tf.Tensor:
     return tf.argsort(tf.random.stateless_uniform([4], seed=seed))
 
 
+def _jitter_factors(
+    seed: tf.Tensor, *, brightness: float, contrast: float, saturation: float, hue: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Draws the jitter factors (float32 ``[4]``: brightness, contrast, saturation factors, hue
+    delta; the neutral 1, 1, 1, 0 for an op of strength 0) and the op order (int32 ``[4]``)."""
+    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=5)  # [5, 2]
+    ranges = [
+        (max(1.0 - brightness, 0.0), 1.0 + brightness) if brightness > 0 else None,
+        (max(1.0 - contrast, 0.0), 1.0 + contrast) if contrast > 0 else None,
+        (max(1.0 - saturation, 0.0), 1.0 + saturation) if saturation > 0 else None,
+        (-min(hue, 0.5), min(hue, 0.5)) if hue > 0 else None,
+    ]
+    factors = [
+        tf.constant(neutral, tf.float32)
+        if rng is None
+        else tf.random.stateless_uniform([], seed=seeds[i], minval=rng[0], maxval=rng[1])
+        for i, (rng, neutral) in enumerate(zip(ranges, _NEUTRAL_JITTER, strict=True))
+    ]
+    return tf.stack(factors), _jitter_order(seeds[4])
+
+
+def _apply_jitter(
+    image: tf.Tensor,
+    factors: tf.Tensor,
+    order: tf.Tensor,
+    enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> tf.Tensor:
+    """Applies the 4 jitter ops (``factors`` [4] float32) in ``order`` ([4] int32), clipping to
+    [0, 1] after each; an op that is not ``enabled`` is the identity (then only clipped)."""
+    ops = [
+        lambda x: x * factors[0],
+        lambda x: tf.image.adjust_contrast(x, factors[1]),
+        lambda x: tf.image.adjust_saturation(x, factors[2]),
+        lambda x: tf.image.adjust_hue(x, factors[3]),
+    ]
+    ops = [f if on else (lambda x: x) for f, on in zip(ops, enabled, strict=True)]
+    for i in range(4):
+        image = tf.switch_case(order[i], [lambda f=f, x=image: f(x) for f in ops])
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+
 def color_jitter(
     image: tf.Tensor,
     seed: tf.Tensor,
@@ -241,50 +317,24 @@ def color_jitter(
     saturation U[max(1-s, 0), 1+s]; hue delta U[-h, h] (h capped at 0.5). A zero strength
     leaves that op out (as SimCLR does).
     """
-    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=5)  # [5, 2]
-
-    def _uniform(i: int, lo: float, hi: float) -> tf.Tensor:
-        return tf.random.stateless_uniform([], seed=seeds[i], minval=lo, maxval=hi)
-
-    def _brightness(x):
-        if brightness <= 0:
-            return x
-        return x * _uniform(0, max(1.0 - brightness, 0.0), 1.0 + brightness)
-
-    def _contrast(x):
-        if contrast <= 0:
-            return x
-        return tf.image.adjust_contrast(x, _uniform(1, max(1.0 - contrast, 0.0), 1.0 + contrast))
-
-    def _saturation(x):
-        if saturation <= 0:
-            return x
-        lo = max(1.0 - saturation, 0.0)
-        return tf.image.adjust_saturation(x, _uniform(2, lo, 1.0 + saturation))
-
-    def _hue(x):
-        if hue <= 0:
-            return x
-        h = min(hue, 0.5)
-        return tf.image.adjust_hue(x, _uniform(3, -h, h))
-
-    ops = [_brightness, _contrast, _saturation, _hue]
-    order = _jitter_order(seeds[4])
-    for i in range(4):
-        image = tf.switch_case(order[i], [lambda f=f, x=image: f(x) for f in ops])
-        image = tf.clip_by_value(image, 0.0, 1.0)
-    return image
+    strengths = (brightness, contrast, saturation, hue)
+    factors, order = _jitter_factors(
+        seed, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue
+    )
+    return _apply_jitter(image, factors, order, enabled=tuple(v > 0 for v in strengths))
 
 
-def _color_jitter_strength(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
-    return color_jitter(
-        image,
-        seed,
+def _jitter_strengths(strength: float) -> dict[str, float]:
+    return dict(
         brightness=0.8 * strength,
         contrast=0.8 * strength,
         saturation=0.8 * strength,
         hue=0.2 * strength,
     )
+
+
+def _color_jitter_strength(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
+    return color_jitter(image, seed, **_jitter_strengths(strength))
 
 
 # ----------------------------------------------------------------------------- blur
@@ -332,6 +382,107 @@ def _random_rotate(image: tf.Tensor, seed: tf.Tensor, rotation_degrees: float) -
     return rotate(image, angle)
 
 
+def pretrain_geometry(
+    image: Any,
+    seed: Any,
+    *,
+    image_size: int,
+    rotation_degrees: float = 0.0,
+    flip: bool = True,
+    area_range: tuple[float, float] = _CROP_AREA_RANGE,
+) -> tf.Tensor:
+    """Geometric half of ``pretrain_view`` (host side): random crop + bicubic resize, clip,
+    optional rotation, flip. ``image`` [H, W, 3] uint8/float, ``seed`` [2] int (the same seed as
+    ``color_params``). Returns float32 ``[image_size, image_size, 3]`` in [0, 1].
+    """
+    image_size = _check_image_size(image_size)
+    rotation_degrees = _check_degrees(rotation_degrees)
+    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=_NUM_SLOTS)
+    x = to_float_image(image)
+
+    x = random_crop_and_resize(x, seeds[_CROP], image_size, area_range)
+    x = tf.clip_by_value(x, 0.0, 1.0)
+    x = _random_rotate(x, seeds[_ROTATE], rotation_degrees)
+    if flip:
+        x = tf.image.stateless_random_flip_left_right(x, seeds[_FLIP])
+    return tf.ensure_shape(x, [image_size, image_size, 3])
+
+
+def color_params(
+    seed: Any,
+    *,
+    color_strength: float = 1.0,
+    blur: bool = True,
+    grayscale_prob: float = 0.2,
+    color_jitter_prob: float = 0.8,
+) -> tf.Tensor:
+    """Every random quantity of ``pretrain_view``'s colour half for ``seed`` ([2] int), as a
+    float32 ``[NUM_COLOR_PARAMS]`` vector (layout: ``PARAM_*``), so the colour ops can run
+    elsewhere (``augment_device.apply_color``). Draws from the same sub-seeds and with the same
+    ops as ``pretrain_view`` always has, so the random stream is unchanged.
+    """
+    color_strength = _check_strength(color_strength)
+    grayscale_prob = _check_prob("grayscale_prob", grayscale_prob)
+    color_jitter_prob = _check_prob("color_jitter_prob", color_jitter_prob)
+    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=_NUM_SLOTS)
+
+    if color_strength > 0:
+        jitter_on = _random_decision(color_jitter_prob, seeds[_JITTER_APPLY])
+    else:
+        jitter_on = tf.constant(0.0, tf.float32)
+    factors, order = _jitter_factors(seeds[_JITTER], **_jitter_strengths(color_strength))
+    gray_on = _random_decision(grayscale_prob, seeds[_GRAY])
+    blur_on = _random_decision(0.5 if blur else 0.0, seeds[_BLUR_APPLY])
+    sigma = tf.random.stateless_uniform(
+        [], seed=seeds[_BLUR_SIGMA], minval=_BLUR_SIGMA_RANGE[0], maxval=_BLUR_SIGMA_RANGE[1]
+    )
+    params = tf.concat(
+        [
+            jitter_on[None],
+            factors,
+            tf.cast(order, tf.float32),
+            tf.stack([gray_on, blur_on, sigma]),
+        ],
+        axis=0,
+    )
+    return tf.ensure_shape(params, [NUM_COLOR_PARAMS])
+
+
+def apply_color(image: Any, params: Any, *, image_size: int, blur: bool) -> tf.Tensor:
+    """Colour half of ``pretrain_view`` driven by ``params`` (from ``color_params``): jitter in
+    the given order if flagged, grayscale if flagged, Gaussian blur if ``blur`` and flagged,
+    clip. ``image`` float32 [image_size, image_size, 3] in [0, 1] -> same shape in [0, 1].
+    """
+    image_size = _check_image_size(image_size)
+    params = tf.ensure_shape(tf.convert_to_tensor(params, tf.float32), [NUM_COLOR_PARAMS])
+    x = tf.ensure_shape(tf.convert_to_tensor(image, tf.float32), [image_size, image_size, 3])
+
+    factors = params[PARAM_BRIGHTNESS : PARAM_HUE + 1]  # [4]
+    order = tf.cast(params[PARAM_ORDER : PARAM_ORDER + 4], tf.int32)  # [4]
+    x = tf.cond(params[PARAM_JITTER] > 0.5, lambda: _apply_jitter(x, factors, order), lambda: x)
+    x = tf.cond(params[PARAM_GRAY] > 0.5, lambda: to_grayscale(x), lambda: x)
+    if blur:
+        ksize = blur_kernel_size(image_size)
+        x = tf.cond(
+            params[PARAM_BLUR] > 0.5,
+            lambda: gaussian_blur(x, ksize, params[PARAM_SIGMA]),
+            lambda: x,
+        )
+    x = tf.clip_by_value(x, 0.0, 1.0)
+    return tf.ensure_shape(x, [image_size, image_size, 3])
+
+
+def split_view_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits ``pretrain_view`` keywords (e.g. a ``recipe``) into those of
+    ``pretrain_geometry`` and of ``color_params`` (``blur`` also goes to ``apply_color``)."""
+    unknown = set(kwargs) - set(_GEOMETRY_KEYS) - set(_COLOR_KEYS) - {"image_size"}
+    if unknown:
+        raise ValueError(f"unknown pretrain_view keywords: {sorted(unknown)}")
+    geometry = {k: v for k, v in kwargs.items() if k in _GEOMETRY_KEYS}
+    color = {k: v for k, v in kwargs.items() if k in _COLOR_KEYS}
+    return geometry, color
+
+
 def pretrain_view(
     image: Any,
     seed: Any,
@@ -349,32 +500,29 @@ def pretrain_view(
 
     Returns float32 ``[image_size, image_size, 3]`` in [0, 1]. ``recipe(name)`` gives the
     keyword sets used in the paper; ``area_range`` is the crop's area fraction (multi-crop).
+    Equal to ``apply_color(pretrain_geometry(...), color_params(...), ...)``.
     """
     image_size = _check_image_size(image_size)
-    color_strength = _check_strength(color_strength)
-    rotation_degrees = _check_degrees(rotation_degrees)
-    grayscale_prob = _check_prob("grayscale_prob", grayscale_prob)
-    color_jitter_prob = _check_prob("color_jitter_prob", color_jitter_prob)
-    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=_NUM_SLOTS)
-    x = to_float_image(image)
-
-    x = random_crop_and_resize(x, seeds[_CROP], image_size, area_range)
-    x = tf.clip_by_value(x, 0.0, 1.0)
-    x = _random_rotate(x, seeds[_ROTATE], rotation_degrees)
-    if flip:
-        x = tf.image.stateless_random_flip_left_right(x, seeds[_FLIP])
-    if color_strength > 0:
-        jitter = lambda y: _color_jitter_strength(y, seeds[_JITTER], color_strength)
-        x = _random_apply(jitter, color_jitter_prob, seeds[_JITTER_APPLY], x)
-    x = _random_apply(to_grayscale, grayscale_prob, seeds[_GRAY], x)
-    if blur:
-        ksize = blur_kernel_size(image_size)
-        sigma = tf.random.stateless_uniform(
-            [], seed=seeds[_BLUR_SIGMA], minval=_BLUR_SIGMA_RANGE[0], maxval=_BLUR_SIGMA_RANGE[1]
-        )
-        x = _random_apply(lambda y: gaussian_blur(y, ksize, sigma), 0.5, seeds[_BLUR_APPLY], x)
-    x = tf.clip_by_value(x, 0.0, 1.0)
-    return tf.ensure_shape(x, [image_size, image_size, 3])
+    _check_strength(color_strength)
+    _check_degrees(rotation_degrees)
+    _check_prob("grayscale_prob", grayscale_prob)
+    _check_prob("color_jitter_prob", color_jitter_prob)
+    x = pretrain_geometry(
+        image,
+        seed,
+        image_size=image_size,
+        rotation_degrees=rotation_degrees,
+        flip=flip,
+        area_range=area_range,
+    )
+    params = color_params(
+        seed,
+        color_strength=color_strength,
+        blur=blur,
+        grayscale_prob=grayscale_prob,
+        color_jitter_prob=color_jitter_prob,
+    )
+    return apply_color(x, params, image_size=image_size, blur=blur)
 
 
 def finetune_view(

@@ -69,6 +69,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{config.optim.lr_scaling!r} not in {optim.LR_SCALINGS}",
     )
     _require(float(config.optim.base_learning_rate) > 0, "optim.base_learning_rate", "must be > 0")
+    wd_end = config.optim.get("weight_decay_end", None)
+    if wd_end is not None:
+        _require(config.optim.name == "adamw", "optim.weight_decay_end", "is for adamw only")
+        _require(float(wd_end) >= 0, "optim.weight_decay_end", "must be >= 0")
     for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(int(config[f]) > 0, f, f"must be > 0, got {config[f]}")
     policy = config.get("nan_policy", "stop")
@@ -77,6 +81,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.method in methods.names():
         for k in AUGMENT_KEYS:
             _require(k in config.augment, f"augment.{k}", "missing")
+        on_device = config.augment.get("on_device", False)
+        _require(
+            isinstance(on_device, bool), "augment.on_device", f"must be a bool, got {on_device!r}"
+        )
         _require("sampler" in config, "sampler", "missing (multi_instance, same_patient)")
         sp = config.sampler.same_patient
         _require(sp in SAME_PATIENT, "sampler.same_patient", f"{sp!r} not in {SAME_PATIENT}")

@@ -36,14 +36,16 @@ with `skip_registration=True` works), falling back to the TFDS registry. Names m
 config: 'demo/small'.
 
 Splits: builders assign patients to splits with `medssl_jax.data_splits.patient_split`.
-Index: `load` makes one pass over the non-image features of a split (case ids, patient keys,
-image counts, first-image labels for stratified label fractions) and caches it in memory and as
-`<builder.data_dir>/medssl_index-<hash>.npz` (hash of split, options and the hook's source file).
+Storage: `make_builder` prepares every dataset as ArrayRecord (random access by record index);
+`prepare` then stores each split's non-image features with their record indices
+(`case_store.write_meta`). `load` applies the read transform to that metadata once per
+(split, options, hook source) and caches the result as `<builder.data_dir>/medssl_index-<hash>.npz`;
+start-up reads only that file, never the pixels. Datasets prepared as TFRecord by earlier
+versions raise `DatasetFormatError` saying how to re-prepare them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -57,27 +59,20 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medssl_jax import data_splits
+from medssl_jax import case_store, data_splits
+from medssl_jax.case_store import CaseStore, DataSpec, patient_key  # noqa: F401 (re-exported)
 
 LABEL_KINDS = ("multiclass", "multilabel", "none")
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
 _index_cache: dict[str, dict[str, np.ndarray]] = {}
 _index_lock = threading.Lock()
 
 Transform = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+FILE_FORMAT = "array_record"
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """What the training code needs to know about a loaded split."""
-
-    name: str
-    split: str
-    label_kind: str  # 'multiclass' | 'multilabel' | 'none'
-    num_classes: int  # 0 for 'none'
-    class_names: tuple[str, ...]
-    num_cases: int  # after label_fraction, BEFORE process sharding
-    num_images: int  # images of those cases
+class DatasetFormatError(ValueError):
+    """The dataset was prepared in a format the input pipeline cannot read by index."""
 
 
 def default_data_dir(data_dir: str | None = None) -> str:
@@ -88,11 +83,6 @@ def default_data_dir(data_dir: str | None = None) -> str:
     if env:
         return os.path.expanduser(env)
     return os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
-
-
-def patient_key(patient_id: tf.Tensor | str) -> tf.Tensor:
-    """Stable non-negative int32 hash of a patient id (FarmHash fingerprint mod 2**31 - 1)."""
-    return tf.cast(tf.strings.to_hash_bucket_fast(patient_id, 2**31 - 1), tf.int32)
 
 
 def _known_names() -> tuple[str, ...]:
@@ -147,7 +137,18 @@ def make_builder(
 
     if skip_bad_rows and issubclass(cls, CaseBuilder):
         kwargs["skip_bad_rows"] = True
-    return cls(data_dir=default_data_dir(data_dir), **kwargs)
+    builder = cls(data_dir=default_data_dir(data_dir), **kwargs)
+    if not builder.is_prepared():  # new data: prepare it for random access
+        return cls(data_dir=default_data_dir(data_dir), file_format=FILE_FORMAT, **kwargs)
+    if builder.info.file_format.value != FILE_FORMAT:
+        raise DatasetFormatError(
+            f"dataset {name!r} in {builder.data_dir} was prepared as "
+            f"{builder.info.file_format.value} by an earlier medssl_jax; the input pipeline now "
+            f"reads {FILE_FORMAT} by record index. Re-prepare it: delete {builder.data_dir} "
+            "(only the prepared copy; your source files and manual_dir are not touched) and "
+            "run again, which prepares it anew"
+        )
+    return builder
 
 
 def prepare(
@@ -155,7 +156,8 @@ def prepare(
 ) -> None:
     """Generates the dataset if needed (offline; manual data must be in `manual_dir`, default
     `<data_dir>/downloads/manual`, as in TFDS)."""
-    if builder.is_prepared():
+    if builder.is_prepared():  # (meta missing: prepared elsewhere, e.g. by `tfds build`)
+        _write_missing_meta(builder)
         return
     instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     if manual_dir is None and instructions:
@@ -171,6 +173,15 @@ def prepare(
         compute_stats=tfds.download.ComputeStatsMode.SKIP,
     )
     builder.download_and_prepare(download_config=config)
+    _write_missing_meta(builder)
+
+
+def _write_missing_meta(builder: tfds.core.DatasetBuilder) -> None:
+    if builder.info.file_format.value != FILE_FORMAT:  # (`load` rejects it with a message)
+        return
+    for split in builder.info.splits.keys():
+        if not case_store.has_meta(builder, split):
+            case_store.write_meta(builder, split)
 
 
 class UnknownSplitError(ValueError):
@@ -179,8 +190,7 @@ class UnknownSplitError(ValueError):
 
 def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     valid = tuple(builder.info.splits.keys())
-    base = str(split).split("[")[0]
-    if base not in valid:
+    if str(split) not in valid:  # (no slices: sub-sets come from label_fraction)
         raise UnknownSplitError(
             f"unknown split {split!r} for dataset {builder.name!r}; valid: {valid}"
         )
@@ -231,84 +241,6 @@ def _resolve_transform(module, options, info) -> tuple[Transform, dict[str, Any]
     return fn, fields
 
 
-def _read_config() -> tfds.ReadConfig:
-    options = tf.data.Options()
-    options.deterministic = True
-    return tfds.ReadConfig(options=options, try_autocache=False)
-
-
-def _standardize(fn: Transform, label_kind: str, k: int, with_images: bool) -> Transform:
-    """Raw TFDS example -> reader element (see `load`), applying the builder transform; checks
-    label shapes ([M] or [M, k]) so a wrong hook fails with a clear shape error."""
-
-    def apply(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        out = fn(dict(ex))
-        if "label" not in out:
-            raise ValueError("read_transform fn must return a 'label' entry")
-        elem = {
-            "case_id": ex["case_id"],
-            "patient_id": ex["patient_id"],
-            "patient_key": patient_key(ex["patient_id"]),
-            "image_ids": ex["image_ids"],
-        }
-        if with_images:
-            elem["images"] = ex["images"]
-        if label_kind == "multilabel":
-            label = tf.ensure_shape(tf.cast(out["label"], tf.float32), [None, k])
-            elem["label"] = label
-            mask = out.get("label_mask", tf.ones_like(label))
-            elem["label_mask"] = tf.ensure_shape(tf.cast(mask, tf.float32), [None, k])
-        else:
-            elem["label"] = tf.ensure_shape(tf.cast(out["label"], tf.int32), [None])
-        if "keep_image" in out:
-            keep = tf.cast(out["keep_image"], tf.bool)
-            for key in ("images", "image_ids", "label", "label_mask"):
-                if key in elem:
-                    elem[key] = tf.boolean_mask(elem[key], keep)
-        elem["num_images"] = tf.shape(elem["image_ids"], out_type=tf.int32)[0]
-        return elem
-
-    return apply
-
-
-def _build_index(builder, split: str, fn: Transform, label_kind: str, k: int) -> dict:
-    """One pass over the split's non-image features: per-case ids, sizes, first-image labels."""
-    features = [f for f in builder.info.features.keys() if f != "images"]
-    decoders = tfds.decode.PartialDecoding({f: True for f in features})
-    ds = builder.as_dataset(
-        split=split, shuffle_files=False, decoders=decoders, read_config=_read_config()
-    )
-    std = _standardize(fn, label_kind, k, with_images=False)
-
-    def summarize(ex):
-        e = std(ex)
-        n = e["num_images"]
-        if label_kind == "multilabel":
-            pad = tf.zeros([1, k], tf.float32)
-            first = tf.concat([e["label"], pad], 0)[0]
-            first_mask = tf.concat([e["label_mask"], pad], 0)[0]
-        else:
-            first = tf.concat([e["label"], [-1]], 0)[0]
-            first_mask = tf.zeros([0], tf.float32)
-        return {
-            "case_id": e["case_id"],
-            "patient_key": e["patient_key"],
-            "num_images": n,
-            "first_label": first,
-            "first_mask": first_mask,
-        }
-
-    parts: dict[str, list] = {}
-    for batch in ds.map(summarize, num_parallel_calls=tf.data.AUTOTUNE).batch(4096):
-        for key, val in batch.items():
-            parts.setdefault(key, []).append(val.numpy())
-    if not parts:
-        raise ValueError(f"split {split!r} of dataset {builder.name!r} is empty")
-    index = {key: np.concatenate(v) for key, v in parts.items()}
-    index["case_id"] = np.array([c.decode() for c in index["case_id"]], dtype=object)
-    return index
-
-
 def _source_digest(fn: Transform) -> str:
     """Hash of the source file defining the read transform, so edits invalidate cached indexes."""
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
@@ -320,8 +252,9 @@ def _source_digest(fn: Transform) -> str:
         return "unknown"
 
 
-def _get_index(builder, split, fn, fields, options) -> dict:
-    """Index for (builder, split, options), cached in memory and next to the prepared data."""
+def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
+    """Flat index of (builder, split, options) from the stored metadata (`case_store`), cached
+    in memory and next to the prepared data; rebuilt when the hook's source changes."""
     blob = json.dumps(
         [_INDEX_VERSION, str(split), dict(options or {}), _source_digest(fn)],
         sort_keys=True,
@@ -337,14 +270,16 @@ def _get_index(builder, split, fn, fields, options) -> dict:
             try:
                 with np.load(path, allow_pickle=False) as z:
                     index = {k: z[k] for k in z.files}
-                index["case_id"] = index["case_id"].astype(object)
             except (OSError, ValueError, KeyError):
                 index = None
         if index is None:
-            index = _build_index(builder, split, fn, fields["label_kind"], fields["num_classes"])
+            meta = case_store.meta_path(builder, split)
+            index = case_store.build_index(meta, fn, fields["label_kind"], fields["num_classes"])
+            if not index:
+                raise ValueError(f"split {split!r} of dataset {builder.name!r} is empty")
             try:
                 tmp = f"{path}.tmp{os.getpid()}.npz"
-                np.savez(tmp, **{**index, "case_id": index["case_id"].astype(str)})
+                np.savez(tmp, **index)
                 os.replace(tmp, path)
             except OSError:
                 pass  # read-only data_dir: keep the in-memory copy only
@@ -353,11 +288,22 @@ def _get_index(builder, split, fn, fields, options) -> dict:
 
 
 def _strata(index: dict, label_kind: str) -> np.ndarray:
+    """Per-case stratum for label fractions: the first image's class (or label set)."""
+    counts = index["num_images"].astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    has = counts > 0
     if label_kind == "multiclass":
-        return index["first_label"].astype(np.int64)
+        out = np.full(len(counts), -1, np.int64)
+        out[has] = index["label"][first[has]]
+        return out
     if label_kind == "multilabel":
-        return data_splits.multilabel_strata(index["first_label"], index["first_mask"])
-    return np.zeros(len(index["case_id"]), np.int64)
+        k = index["label"].shape[1]
+        label = np.zeros((len(counts), k), np.float32)
+        mask = np.zeros((len(counts), k), np.float32)
+        label[has] = index["label"][first[has]]
+        mask[has] = index["label_mask"][first[has]]
+        return data_splits.multilabel_strata(label, mask)
+    return np.zeros(len(counts), np.int64)
 
 
 def load(
@@ -373,18 +319,16 @@ def load(
     process_count: int = 1,
     unlabel_rest: bool = False,
     skip_bad_rows: bool = False,
-) -> tuple[tf.data.Dataset, DataSpec]:
-    """Per-case dataset, deterministic order, not shuffled, not repeated.
+) -> tuple[CaseStore, DataSpec]:
+    """This process's cases of `split`, as a `CaseStore` (metadata in memory, pixels on demand).
 
-    Element: {'case_id': tf.string[], 'patient_id': tf.string[], 'patient_key': int32[] (see
-    `patient_key`), 'images': tf.string[M] encoded image bytes, 'image_ids': tf.string[M],
-    'label': int32[M] (multiclass/none; -1 = unlabeled) or float32[M, K] (multilabel),
-    'label_mask': float32[M, K] (multilabel only), 'num_images': int32[]}.
-    `label_fraction` < 1 keeps a class-stratified, nested subset of cases (`data_splits`); with
-    `unlabel_rest` every case is kept and only the others' labels are hidden (label -1, or
-    label_mask 0 for multilabel): semi-supervised pretraining sees all images, few labels.
-    Process sharding is by patient: cases with patient_key % process_count == process_index.
-    Prepares the dataset first if needed (demo: generated; real sets: from `manual_dir`).
+    Cases keep the split's record order. Per image: 'label' int32 (multiclass/none; -1 =
+    unlabeled) or float32 [K] with 'label_mask' (multilabel). `label_fraction` < 1 keeps a
+    class-stratified, nested subset of cases (`data_splits`); with `unlabel_rest` every case is
+    kept and only the others' labels are hidden (label -1, or label_mask 0 for multilabel):
+    semi-supervised pretraining sees all images, few labels. Process sharding is by patient:
+    cases with patient_key % process_count == process_index. Prepares the dataset first if
+    needed (demo: generated; real sets: from `manual_dir`).
     """
     f = data_splits.check_label_fraction(label_fraction)
     if not (isinstance(process_count, int) and process_count >= 1):
@@ -403,15 +347,16 @@ def load(
     index = _get_index(builder, split, fn, fields, options)
     nonempty = index["num_images"] > 0
     keep = nonempty.copy()
-    labelled_ids = None
+    labelled = None
     if f < 1.0:
         ne = np.flatnonzero(nonempty)
+        ids = [c.decode() for c in index["case_id"][ne]]
         chosen = data_splits.select_label_fraction(
-            list(index["case_id"][ne]), _strata(index, fields["label_kind"])[ne], f, fraction_seed
+            ids, _strata(index, fields["label_kind"])[ne], f, fraction_seed
         )
         if unlabel_rest:
-            ids = np.asarray(index["case_id"][ne])[chosen]
-            labelled_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in ids]
+            labelled = np.zeros(len(keep), bool)
+            labelled[ne[chosen]] = True
         else:
             keep[:] = False
             keep[ne[chosen]] = True
@@ -425,70 +370,44 @@ def load(
         num_images=int(index["num_images"][keep].sum()),
     )
     mine = keep & (index["patient_key"] % process_count == process_index)
-    mask = tf.constant(mine)
 
-    ds = builder.as_dataset(
-        split=split,
-        shuffle_files=False,
-        decoders={"images": tfds.decode.SkipDecoding()},
-        read_config=_read_config(),
-    )
+    def open_source():
+        return builder.as_data_source(
+            split, deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE
+        )
 
-    def selected(i: tf.Tensor, ex: dict[str, tf.Tensor]) -> tf.Tensor:
-        return tf.gather(mask, i)
-
-    def drop_index(i: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return ex
-
-    ds = ds.enumerate().filter(selected).map(drop_index)
-    std = _standardize(fn, fields["label_kind"], fields["num_classes"], with_images=True)
-    ds = ds.map(std, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if labelled_ids is not None:
-        ds = ds.map(_hide_labels(labelled_ids, fields["label_kind"]), deterministic=True)
-    return ds, spec
-
-
-def _hide_labels(labelled_ids: list[str], label_kind: str):
-    """Map fn: cases not in `labelled_ids` become unlabelled (label -1 / label_mask 0)."""
-    ids = [s.encode() if isinstance(s, str) else bytes(s) for s in labelled_ids]
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(ids or [b""], tf.string), tf.ones([max(len(ids), 1)], tf.int32)
-        ),
-        default_value=0,
-    )
-    has_ids = bool(ids)
-
-    def hide(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        ex = dict(ex)
-        known = tf.logical_and(has_ids, table.lookup(ex["case_id"]) > 0)
-        if label_kind == "multilabel":
-            ex["label_mask"] = ex["label_mask"] * tf.cast(known, ex["label_mask"].dtype)
+    store = case_store.select(index, mine, spec, open_source)
+    if labelled is not None:  # hide the labels of cases outside the fraction
+        hidden = np.repeat(~labelled[mine], store.counts)
+        if fields["label_kind"] == "multilabel":
+            store.label_masks = store.label_masks * (~hidden)[:, None]
         else:
-            ex["label"] = tf.where(known, ex["label"], -tf.ones_like(ex["label"]))
-        return ex
-
-    return hide
-
-
-def to_images(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Per-case -> one element per image: {'image': tf.string[] encoded, 'image_id', 'case_id',
-    'patient_id', 'patient_key', 'label': int32[] or float32[K], ('label_mask': float32[K])}."""
-
-    def explode(case: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        m = case["num_images"]
-        out = {"image": case["images"], "image_id": case["image_ids"], "label": case["label"]}
-        if "label_mask" in case:
-            out["label_mask"] = case["label_mask"]
-        for key in ("case_id", "patient_id", "patient_key"):
-            out[key] = tf.fill([m], case[key])
-        return out
-
-    return ds.map(explode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+            store.labels = np.where(hidden, -1, store.labels).astype(np.int32)
+    return store, spec
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     """Encoded PNG/JPEG bytes -> uint8 [H, W, 3] (grayscale is repeated to 3 channels)."""
     image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_float(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded PNG/JPEG bytes -> float32 [H, W, 3] in [0, 1]; a 16-bit PNG (DICOM builders)
+    keeps its 16 bits (x / 65535), everything else is x / 255."""
+    png16 = tf.logical_and(
+        tf.equal(tf.strings.substr(encoded, 0, 4), b"\x89PNG"),
+        tf.equal(tf.strings.substr(encoded, 24, 1), b"\x10"),
+    )
+
+    def wide():
+        x = tf.io.decode_png(encoded, channels=3, dtype=tf.uint16)
+        return tf.image.convert_image_dtype(x, tf.float32)
+
+    def narrow():
+        return tf.image.convert_image_dtype(decode_image(encoded), tf.float32)
+
+    image = tf.cond(png16, wide, narrow)
     image.set_shape([None, None, 3])
     return image

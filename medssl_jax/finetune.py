@@ -21,8 +21,8 @@ import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers
 
-from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import (
+    augment_device,
     config_lib,
     datasets,
     input_pipeline,
@@ -32,6 +32,8 @@ from medssl_jax import (
     predictions,
     sharding,
 )
+from medssl_jax import checkpoint as ckpt_lib
+from medssl_jax.case_store import CaseStore
 from medssl_jax.loop import fit
 from medssl_jax.state import Built, TrainState, compile_train, label_structs, make_init
 
@@ -53,7 +55,7 @@ def make_train_step(model, tx, lr_schedule, *, label_kind: str) -> Callable:
         def loss_fn(params):
             out, mutated = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
-                batch["image"],
+                augment_device.as_float(batch["image"]),
                 train=True,
                 mutable=["batch_stats"],
             )
@@ -97,14 +99,16 @@ def build(
 
     def eval_step(params, batch_stats, batch):
         out = model.apply(
-            {"params": params, "batch_stats": batch_stats}, batch["image"], train=False
+            {"params": params, "batch_stats": batch_stats},
+            augment_device.as_float(batch["image"]),
+            train=False,
         )
         return {k: v for k, v in batch.items() if k != "image"} | {"logits": out["logits"]}
 
     eval_jit = jax.jit(eval_step, in_shardings=(repl, repl, data_sh), out_shardings=repl)
     b = int(config.batch_size)
     abstract_batch = {
-        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data_sh),
+        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=data_sh),
         **label_structs(b, num_classes, label_kind, data_sh),
     }
     step = make_train_step(model, tx, lr, label_kind=label_kind)
@@ -126,7 +130,7 @@ def predict(
     eval_step: Callable,
     params: Any,
     batch_stats: Any,
-    store: input_pipeline.CaseStore,
+    store: CaseStore,
     mesh: jax.sharding.Mesh,
     *,
     local_batch: int,
@@ -180,19 +184,18 @@ def split_metrics(pred: dict[str, np.ndarray], spec, *, graded: bool) -> dict[st
     )
 
 
-def _write_predictions(path: str, pred: dict, store: input_pipeline.CaseStore) -> None:
-    flat = store.flat_index()[pred["local_index"]]
+def _write_predictions(path: str, pred: dict, store: CaseStore) -> None:
+    rows = np.asarray(pred["local_index"], np.int64)  # rows of the per-image arrays
+    cases = store.flat_index()[rows, 0]
     logits = pred["local_logits"]
     multilabel = store.spec.label_kind == "multilabel"
     scores = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)
-    labels = np.stack([store.labels[c][i] for c, i in flat]) if len(flat) else np.zeros(0)
-    mask = (
-        np.stack([store.label_masks[c][i] for c, i in flat]) if multilabel and len(flat) else None
-    )
+    labels = store.labels[rows]
+    mask = store.label_masks[rows] if multilabel else None
     predictions.write_predictions_csv(
         path,
-        case_ids=[store.case_ids[c] for c, _ in flat],
-        image_ids=[store.image_ids[c][i] for c, i in flat],
+        case_ids=[s.decode() for s in store.case_ids[cases]],
+        image_ids=[s.decode() for s in store.image_ids[rows]],
         labels=labels,
         scores=np.asarray(scores, np.float64),
         class_names=list(store.spec.class_names),
@@ -214,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if val_split and val_split not in eval_splits:
         eval_splits.insert(0, val_split)
 
-    def load(split: str, field: str, **kw: Any) -> input_pipeline.CaseStore:
+    def load(split: str, field: str, **kw: Any) -> CaseStore:
         try:
             return input_pipeline.load_store(
                 config.data, split, process_index=pidx, process_count=pcount, **kw

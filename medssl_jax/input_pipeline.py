@@ -1,23 +1,28 @@
-"""Input pipelines: host case store -> deterministic schedule -> tf.data decode/augment -> batches.
+"""Input pipelines: case store -> deterministic schedule -> record reads -> tf.data decode/augment.
 
-Each process holds its patient-sharded part of a split as ENCODED bytes in host memory
-(`CaseStore`); `schedule.Schedule` picks the items of every step from (seed, step) alone, and a
-parallel tf.data map decodes and augments them with stateless seeds derived from the same
-(seed, step, position). So batches are bit-identical after a resume, and MICLe batches can be
-made patient-unique before any pixel is touched.
+Each process holds the metadata of its patient-sharded part of a split (`case_store.CaseStore`:
+ids, patient keys, labels, record indices; never pixels). `schedule.Schedule` picks the items of
+every step from (seed, step) alone; the generator reads just those records (one batched read per
+step) and a parallel tf.data map decodes and augments them with stateless seeds derived from the
+same (seed, step, position). So batches are bit-identical after a resume, and MICLe batches can
+be made patient-unique before any pixel is touched.
 
-Batches are dicts of NumPy arrays holding this process's rows of the global batch:
-  pretraining: 'views' float32 [B, 2, S, S, 3] (two global crops of one image, or of two
-  distinct images of one case with multi-instance (MICLe) pairing), 'local_views' float32
+Batches are dicts of NumPy arrays holding this process's rows of the global batch. Pixels are
+uint8 (4x fewer bytes to the accelerator than float32; the step converts them):
+  pretraining: 'views' uint8 [B, 2, S, S, 3] (two global crops of one image, or of two
+  distinct images of one case with multi-instance (MICLe) pairing), 'local_views' uint8
   [B, N, s, s, 3] when the method uses multi-crop (local crop k from the first image for even k,
   the second for odd k), 'label' int32 [B] (-1 = unlabeled) or float32 [B, K] with 'label_mask',
   'patient_key' int32 [B], 'distinct' float32 [B] (1 = the views come from two images),
   'case_index' int64 [B] and 'pair' int32 [B, 2] (which images of the case; for tests/debug).
+  With `color_on_device` the views are only cropped/rotated/flipped here and 'color_params'
+  float32 [B, 2 + N, augment.NUM_COLOR_PARAMS] carries each view's colour/blur draws for
+  `augment_device.device_views`.
+  fine-tuning / evaluation: 'image' uint8 [B, S, S, 3].
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,36 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from medssl_jax import augment, datasets
+from medssl_jax.case_store import CaseStore
 from medssl_jax.methods.base import Views
 from medssl_jax.schedule import Schedule, _rng
-
-
-@dataclasses.dataclass
-class CaseStore:
-    """One process's shard of a split: per-case encoded images, ids, labels (host memory)."""
-
-    spec: datasets.DataSpec
-    images: list[list[bytes]]
-    image_ids: list[list[str]]
-    case_ids: list[str]
-    patient_ids: list[str]
-    patient_keys: np.ndarray  # int32 [C]
-    labels: list[np.ndarray]  # per case: int32 [M] or float32 [M, K]
-    label_masks: list[np.ndarray] | None  # per case float32 [M, K] (multilabel)
-
-    @property
-    def num_cases(self) -> int:
-        return len(self.case_ids)
-
-    @property
-    def num_images(self) -> int:
-        return int(sum(len(x) for x in self.images))
-
-    def flat_index(self) -> np.ndarray:
-        """[N, 2] (case, image) pairs: one row per image."""
-        return np.asarray(
-            [(c, i) for c, imgs in enumerate(self.images) for i in range(len(imgs))], np.int64
-        ).reshape(-1, 2)
 
 
 def load_store(
@@ -66,9 +44,9 @@ def load_store(
     process_count: int = 1,
     unlabel_rest: bool = False,
 ) -> CaseStore:
-    """Read this process's shard of `split` of the dataset described by config `data`
+    """This process's shard of `split` of the dataset described by config `data`
     (`unlabel_rest`: keep every case, hide the labels outside `label_fraction`)."""
-    ds, spec = datasets.load(
+    store, spec = datasets.load(
         data["name"],
         split,
         data_dir=data.get("data_dir") or None,
@@ -81,20 +59,7 @@ def load_store(
         unlabel_rest=unlabel_rest,
         skip_bad_rows=bool(data.get("skip_bad_rows", False)),
     )
-    store = CaseStore(spec, [], [], [], [], np.zeros(0, np.int32), [], None)
-    keys, masks = [], []
-    for ex in ds.as_numpy_iterator():
-        store.images.append(list(ex["images"]))
-        store.image_ids.append([s.decode() for s in ex["image_ids"]])
-        store.case_ids.append(ex["case_id"].decode())
-        store.patient_ids.append(ex["patient_id"].decode())
-        keys.append(int(ex["patient_key"]))
-        store.labels.append(np.asarray(ex["label"]))
-        if "label_mask" in ex:
-            masks.append(np.asarray(ex["label_mask"], np.float32))
-    store.patient_keys = np.asarray(keys, np.int32)
-    store.label_masks = masks if masks else None
-    if not store.case_ids:
+    if not store.num_cases:
         raise ValueError(
             f"dataset {spec.name!r} split {split!r} has no cases for process {process_index} of "
             f"{process_count} (label_fraction={label_fraction})"
@@ -112,15 +77,16 @@ def _label_signature(spec: datasets.DataSpec) -> dict[str, tf.TensorSpec]:
     return {"label": tf.TensorSpec([], tf.int32)}
 
 
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+    """float32 [..., 3] in [0, 1] -> uint8 (rounded), the form pixels travel in."""
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+
+
 def _label_of(store: CaseStore, c: int, i: int) -> dict[str, np.ndarray]:
+    out = store.label_of(c, i)
     if store.spec.label_kind == "multilabel":
-        return {
-            "label": np.asarray(store.labels[c][i], np.float32),
-            "label_mask": np.asarray(store.label_masks[c][i], np.float32),
-        }
-    if store.spec.label_kind == "none":
-        return {"label": np.int32(-1)}
-    return {"label": np.int32(store.labels[c][i])}
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+    return {"label": np.int32(out["label"])}
 
 
 def pretrain_elements(
@@ -140,20 +106,26 @@ def pretrain_elements(
     afresh at every visit; M == 1 gives its one image twice ('b' empty, 'distinct' 0).
     Otherwise: the item's image twice. 'seed' is the stateless augmentation seed of the element.
     """
+    counts = store.counts
     step = start_step
     while True:
         rng = _rng(seed, process_index, step, 3)
-        for pos, it in enumerate(sched.batch(step)):
+        rows = []
+        for it in sched.batch(step):
             c, i = (int(x) for x in items[it])
-            m = len(store.images[c])
+            m = int(counts[c])
             if multi_instance and m >= 2:
                 i, j = (int(x) for x in rng.choice(m, size=2, replace=False))
             else:
                 i = int(rng.integers(m)) if multi_instance else i
                 j = i
+            rows.append((c, i, j))
+        pairs = [(c, i) for c, i, _ in rows] + [(c, j) for c, i, j in rows if j != i]
+        encoded = dict(zip(pairs, store.read(pairs), strict=True))
+        for pos, (c, i, j) in enumerate(rows):
             yield {
-                "a": store.images[c][i],
-                "b": store.images[c][j] if j != i else b"",
+                "a": encoded[(c, i)],
+                "b": encoded[(c, j)] if j != i else b"",
                 "seed": np.asarray([seed * 7919 + process_index, step * batch_size + pos]),
                 "patient_key": np.int32(store.patient_keys[c]),
                 "distinct": np.float32(i != j),
@@ -175,9 +147,11 @@ def pretrain_dataset(
     multi_instance: bool = False,
     patient_unique: bool = False,
     process_index: int = 0,
+    color_on_device: bool = False,
 ) -> tuple[tf.data.Dataset, Schedule]:
     """Infinite pretraining batches from `start_step` on: the crops `views` declares, of one
-    image per example or (multi_instance) of two distinct images of one case."""
+    image per example or (multi_instance) of two distinct images of one case; with
+    `color_on_device`, without their colour/blur stage (see the module docstring)."""
     if multi_instance:  # epochs over cases
         items = np.stack([np.arange(store.num_cases), np.zeros(store.num_cases, np.int64)], 1)
         keys = store.patient_keys if patient_unique else None
@@ -209,26 +183,38 @@ def pretrain_dataset(
         **_label_signature(store.spec),
     }
     view_kwargs = dict(aug)
+    geometry_kwargs, color_kwargs = augment.split_view_kwargs(view_kwargs)
     g, loc = views.global_crops, views.local_crops
     n_local = views.num_local
 
     def make_views(ex):
         seeds = tf.random.experimental.stateless_split(ex.pop("seed"), 2 + n_local)
-        img_a = datasets.decode_image(ex.pop("a"))
+        img_a = datasets.decode_float(ex.pop("a"))
         enc_b = ex.pop("b")
         img_b = tf.cond(
-            tf.strings.length(enc_b) > 0, lambda: datasets.decode_image(enc_b), lambda: img_a
+            tf.strings.length(enc_b) > 0, lambda: datasets.decode_float(enc_b), lambda: img_a
         )
+        params = []
 
         def crop(img, i, c):
-            return augment.pretrain_view(
-                img, seeds[i], image_size=c.size, area_range=c.area_range, **view_kwargs
+            if not color_on_device:
+                return to_uint8(
+                    augment.pretrain_view(
+                        img, seeds[i], image_size=c.size, area_range=c.area_range, **view_kwargs
+                    )
+                )
+            params.append(augment.color_params(seeds[i], **color_kwargs))
+            x = augment.pretrain_geometry(
+                img, seeds[i], image_size=c.size, area_range=c.area_range, **geometry_kwargs
             )
+            return to_uint8(x)
 
         ex["views"] = tf.stack([crop(img_a, 0, g), crop(img_b, 1, g)])  # [2, S, S, 3]
         if n_local:
             local = [crop(img_a if k % 2 == 0 else img_b, 2 + k, loc) for k in range(n_local)]
             ex["local_views"] = tf.stack(local)  # [N, s, s, 3]
+        if color_on_device:
+            ex["color_params"] = tf.stack(params)  # [2 + N, P]
         return ex
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
@@ -254,10 +240,10 @@ def finetune_dataset(
     def generate():
         step = start_step
         while True:
-            for pos, it in enumerate(sched.batch(step)):
-                c, i = (int(x) for x in items[it])
+            pairs = [tuple(int(x) for x in items[it]) for it in sched.batch(step)]
+            for pos, ((c, i), enc) in enumerate(zip(pairs, store.read(pairs), strict=True)):
                 yield {
-                    "a": store.images[c][i],
+                    "a": enc,
                     "seed": np.asarray([seed * 7919 + process_index, step * batch_size + pos]),
                     **_label_of(store, c, i),
                 }
@@ -270,8 +256,10 @@ def finetune_dataset(
     }
 
     def view(ex):
-        img = datasets.decode_image(ex.pop("a"))
-        ex["image"] = augment.finetune_view(img, ex.pop("seed"), image_size=image_size, **aug)
+        img = datasets.decode_float(ex.pop("a"))
+        ex["image"] = to_uint8(
+            augment.finetune_view(img, ex.pop("seed"), image_size=image_size, **aug)
+        )
         return ex
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
@@ -289,14 +277,18 @@ def eval_batches(
     padded = -(-n // batch_size) * batch_size
 
     def generate():
-        for r in range(padded):
-            c, i = (int(x) for x in items[min(r, n - 1)])
-            yield {
-                "a": store.images[c][i],
-                "valid": np.float32(r < n),
-                "index": np.int64(min(r, n - 1)),
-                **_label_of(store, c, i),
-            }
+        for start in range(0, padded, batch_size):
+            n_b = batch_size
+            rows = [min(r, n - 1) for r in range(start, start + n_b)]
+            pairs = [tuple(int(x) for x in items[r]) for r in rows]
+            encoded = store.read(pairs)
+            for r, (c, i), enc in zip(range(start, start + n_b), pairs, encoded, strict=True):
+                yield {
+                    "a": enc,
+                    "valid": np.float32(r < n),
+                    "index": np.int64(min(r, n - 1)),
+                    **_label_of(store, c, i),
+                }
 
     signature = {
         "a": tf.TensorSpec([], tf.string),
@@ -306,8 +298,8 @@ def eval_batches(
     }
 
     def view(ex):
-        img = datasets.decode_image(ex.pop("a"))
-        ex["image"] = augment.eval_view(img, image_size=image_size)
+        img = datasets.decode_float(ex.pop("a"))
+        ex["image"] = to_uint8(augment.eval_view(img, image_size=image_size))
         return ex
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)

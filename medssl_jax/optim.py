@@ -87,12 +87,30 @@ def with_probe_head(
     return optax.multi_transform({"body": tx, "probe": probe}, labels)
 
 
+def weight_decay_schedule(start: float, end: float, total_steps: int) -> optax.Schedule:
+    """DINO's weight decay: cosine from `start` to `end` over the run."""
+    if start <= 0:
+        return optax.constant_schedule(end)
+    return optax.cosine_decay_schedule(start, max(int(total_steps), 1), alpha=end / start)
+
+
 def make_optimizer(
-    optim: Mapping[str, Any], learning_rate: optax.Schedule
+    optim: Mapping[str, Any], learning_rate: optax.Schedule, total_steps: int = 1
 ) -> optax.GradientTransformation:
-    """The optimiser named by `optim.name` with the SimCLR parameter masks."""
+    """The optimiser named by `optim.name` with the SimCLR parameter masks. AdamW with
+    `optim.weight_decay_end` set follows DINO: weight decay cosine from weight_decay to it."""
     name = optim["name"]
     wd = float(optim.get("weight_decay", 0.0))
+    wd_end = optim.get("weight_decay_end", None)
+    if wd_end is not None:
+        if name != "adamw":
+            raise ValueError(
+                f"config.optim.weight_decay_end is for adamw (DINO's ViT recipe), not {name!r}"
+            )
+        schedule = weight_decay_schedule(wd, float(wd_end), total_steps)
+        return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=learning_rate, weight_decay=schedule, mask=decay_mask
+        )
     momentum = float(optim.get("momentum", 0.9))
     if name == "lars":
         return optax.lars(
@@ -129,4 +147,4 @@ def from_config(
         config["optim"]["base_learning_rate"], config["batch_size"], config["optim"]["lr_scaling"]
     )
     lr = learning_rate_schedule(peak, total_steps, warmup_steps)
-    return make_optimizer(config["optim"], lr), lr, peak
+    return make_optimizer(config["optim"], lr, total_steps), lr, peak

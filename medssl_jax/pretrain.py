@@ -17,24 +17,39 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from medssl_jax import (
+    augment,
+    augment_device,
+    config_lib,
+    datasets,
+    input_pipeline,
+    methods,
+    optim,
+    sharding,
+)
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import config_lib, datasets, input_pipeline, methods, optim, sharding
 from medssl_jax.loop import fit, write_json
 from medssl_jax.state import Built, TrainState, compile_train, init_variables, label_structs
 
 
-def batch_keys(label_kind: str, num_local: int = 0) -> tuple[str, ...]:
+def batch_keys(
+    label_kind: str, num_local: int = 0, color_on_device: bool = False
+) -> tuple[str, ...]:
     keys = ("views", "label", "patient_key", "distinct")
     keys += ("local_views",) if num_local > 0 else ()
+    keys += ("color_params",) if color_on_device else ()
     return keys + (("label_mask",) if label_kind == "multilabel" else ())
 
 
-def make_train_step(parts: methods.Parts, tx, lr_schedule, *, seed: int):
-    """Pure (state, batch) -> (state, metrics) for the method described by `parts`."""
+def make_train_step(parts: methods.Parts, tx, lr_schedule, *, seed: int, blur: bool = True):
+    """Pure (state, batch) -> (state, metrics) for the method described by `parts`. The batch's
+    uint8 views become float32 here (and get their colour/blur stage if the host sent
+    'color_params'), so pixels cross host -> device as uint8."""
     key = jax.random.key(seed)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(key, state.step)
+        batch = augment_device.device_views(batch, blur=blur)
 
         def loss_fn(params):
             return parts.loss(params, state.batch_stats, state.extra, batch, rng, state.step)
@@ -105,10 +120,11 @@ def build(
             extra=parts.init_extra(params, batch_stats),
         )
 
-    step = make_train_step(parts, tx, lr, seed=int(config.seed))
+    blur = bool(config.augment.blur)
+    step = make_train_step(parts, tx, lr, seed=int(config.seed), blur=blur)
     b, data_sh = int(config.batch_size), sharding.batch_sharded(mesh)
     abstract_batch = {
-        "views": jax.ShapeDtypeStruct((b, 2, size, size, 3), jnp.float32, sharding=data_sh),
+        "views": jax.ShapeDtypeStruct((b, 2, size, size, 3), jnp.uint8, sharding=data_sh),
         "patient_key": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh),
         "distinct": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=data_sh),
         **label_structs(b, num_classes, label_kind, data_sh),
@@ -116,7 +132,11 @@ def build(
     if views.local_crops is not None:
         n, s = views.local_crops.count, views.local_crops.size
         abstract_batch["local_views"] = jax.ShapeDtypeStruct(
-            (b, n, s, s, 3), jnp.float32, sharding=data_sh
+            (b, n, s, s, 3), jnp.uint8, sharding=data_sh
+        )
+    if color_on_device(config):
+        abstract_batch["color_params"] = jax.ShapeDtypeStruct(
+            (b, 2 + views.num_local, augment.NUM_COLOR_PARAMS), jnp.float32, sharding=data_sh
         )
     return compile_train(
         parts.model,
@@ -141,6 +161,11 @@ def warm_start(
         state.params, state.batch_stats
     )
     return state.replace(extra=extra)
+
+
+def color_on_device(config: ml_collections.ConfigDict) -> bool:
+    """config.augment.on_device: the colour/blur stage runs in the train step, not on the host."""
+    return bool(config.augment.get("on_device", False))
 
 
 def sampler_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
@@ -225,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             seed=int(config.seed),
             start_step=start_step,
             process_index=jax.process_index(),
+            color_on_device=color_on_device(config),
             **sampler_options(config),
         )
         schedule_holder["s"] = sched
@@ -240,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state=state,
         train_step=built.step,
         make_batches=make_batches,
-        batch_keys=batch_keys(spec.label_kind, views.num_local),
+        batch_keys=batch_keys(spec.label_kind, views.num_local, color_on_device(config)),
         total_steps=total_steps,
         global_batch_size=int(config.batch_size),
         images_per_example=views.images_per_example,

@@ -431,27 +431,34 @@ def test_dummy_data_is_small():
     assert total < 1_000_000, total
 
 
-def test_reader_hook_through_load(chexpert_study, ham_built, data_dir):
-    """`medssl_jax.datasets.load` applies chexpert's read_transform and ham10000's labels."""
+def test_reader_hook_through_load(chexpert_study, ham_built, data_dir, tmp_path):
+    """`medssl_jax.datasets.load` applies chexpert's read_transform and ham10000's labels; a
+    dataset prepared as TFRecord (as `build` here and earlier versions do) gets a clear message."""
     from medssl_jax import datasets
 
+    with pytest.raises(datasets.DatasetFormatError, match="Re-prepare it: delete"):
+        datasets.load("chexpert", "train", data_dir=str(data_dir))
     _, splits = chexpert_study
     raw = {text(ex["case_id"]): ex for ex in splits["train"]}
     opts = {"uncertainty": "u_ignore", "views": "frontal"}
-    ds, spec = datasets.load("chexpert", "train", data_dir=str(data_dir), options=opts)
+    fresh = str(tmp_path / "ar")
+    manual = str(DUMMY["chexpert"])
+    ds, spec = datasets.load("chexpert", "train", data_dir=fresh, manual_dir=manual, options=opts)
     assert spec.label_kind == "multilabel" and spec.class_names == chx.COMPETITION
     keys = [c.lower().replace(" ", "_") for c in chx.COMPETITION]
     n_cases = 0
-    for el in tfds.as_numpy(ds):
-        ex = raw[text(el["case_id"])]
+    for el in ds:
+        ex = raw[el["case_id"]]
         frontal = ex["view"] == 0
         states = np.stack([ex["findings"][k] for k in keys], -1)[frontal]  # [M_frontal, 5]
         np.testing.assert_array_equal(el["label"], (states == 1).astype(np.float32))
         np.testing.assert_array_equal(el["label_mask"], (states != 2).astype(np.float32))
-        assert list(el["image_ids"]) == list(ex["image_ids"][frontal])
+        assert el["image_ids"] == [text(i) for i in ex["image_ids"][frontal]]
+        assert el["images"] == list(ex["images"][frontal])  # the frontal images' bytes
         n_cases += 1
     assert n_cases == sum(bool((ex["view"] == 0).any()) for ex in splits["train"])
-    ds, spec = datasets.load("ham10000", "test", data_dir=str(data_dir))
+    ham_dir = str(DUMMY["ham10000"])
+    ds, spec = datasets.load("ham10000", "test", data_dir=fresh, manual_dir=ham_dir)
     assert spec.label_kind == "multiclass" and spec.class_names == ham.CLASSES
     assert spec.num_cases == len(ham_built[1]["test"])
 
@@ -464,5 +471,5 @@ def test_reader_prepares_derm_csv_whose_classes_come_from_the_data(tmp_path):
         "derm_csv", "train", data_dir=str(tmp_path), manual_dir=str(DUMMY["derm_csv"])
     )
     assert spec.label_kind == "multiclass" and spec.num_classes == len(spec.class_names) > 1
-    labels = np.concatenate([ex["label"] for ex in ds.as_numpy_iterator()])
+    labels = ds.labels
     assert labels.min() >= 0 and labels.max() < spec.num_classes

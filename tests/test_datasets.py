@@ -111,16 +111,18 @@ def demo_dir(tmp_path_factory):
     return data_dir
 
 
-def _collect(ds: tf.data.Dataset) -> list[dict]:
-    return list(ds.as_numpy_iterator())
+def _collect(store) -> list[dict]:
+    return list(store)
 
 
 def test_load_element_contract(demo_dir):
-    ds, spec = datasets.load("demo/small", "train", data_dir=demo_dir)
+    store, spec = datasets.load("demo/small", "train", data_dir=demo_dir)
     assert spec.label_kind == "multiclass" and spec.num_classes == 6
     assert spec.class_names[:2] == ("homogeneous", "reticular")
-    sig = ds.element_spec
-    assert set(sig) == {
+    assert store.spec == spec and store.labels.dtype == np.int32
+    assert store.patient_keys.dtype == np.int32 and store.label_masks is None
+    cases = _collect(store)
+    assert set(cases[0]) == {
         "case_id",
         "patient_id",
         "patient_key",
@@ -129,17 +131,14 @@ def test_load_element_contract(demo_dir):
         "label",
         "num_images",
     }
-    assert sig["images"].shape.as_list() == [None] and sig["images"].dtype == tf.string
-    assert sig["label"].dtype == tf.int32 and sig["patient_key"].dtype == tf.int32
-    cases = _collect(ds)
-    assert len(cases) == spec.num_cases
-    assert sum(int(c["num_images"]) for c in cases) == spec.num_images
+    assert len(cases) == spec.num_cases == store.num_cases
+    assert sum(int(c["num_images"]) for c in cases) == spec.num_images == store.num_images
     for c in cases:
         m = int(c["num_images"])
-        assert c["images"].shape == c["image_ids"].shape == c["label"].shape == (m,)
+        assert len(c["images"]) == len(c["image_ids"]) == c["label"].shape[0] == m
         assert c["images"][0][:8] == b"\x89PNG\r\n\x1a\n"  # still encoded
         assert len(set(c["label"].tolist())) == 1 and 0 <= c["label"][0] < 6
-        assert c["patient_key"] == int(datasets.patient_key(c["patient_id"].decode()))
+        assert c["patient_key"] == int(datasets.patient_key(c["patient_id"]))
     # Deterministic order.
     again = [
         c["case_id"] for c in _collect(datasets.load("demo/small", "train", data_dir=demo_dir)[0])
@@ -156,8 +155,8 @@ def test_patient_key_is_stable_and_non_negative():
 def test_process_sharding_by_patient(demo_dir):
     full, spec = datasets.load("demo/small", "train", data_dir=demo_dir)
     all_ids = {c["case_id"] for c in _collect(full)}
-    seen: dict[bytes, int] = {}
-    union: list[bytes] = []
+    seen: dict[str, int] = {}
+    union: list[str] = []
     for index in range(3):
         ds, s = datasets.load(
             "demo/small", "train", data_dir=demo_dir, process_index=index, process_count=3
@@ -195,22 +194,20 @@ def test_index_file_cache_gives_same_spec(demo_dir):
     assert again == spec
 
 
-def test_to_images_flattens_cases(demo_dir):
-    ds, spec = datasets.load("demo/small", "test", data_dir=demo_dir)
-    cases = _collect(ds)
-    images = _collect(datasets.to_images(ds))
-    assert len(images) == spec.num_images
-    expected = [
-        (c["case_id"], c["patient_id"], c["patient_key"], iid, img, lab)
-        for c in cases
-        for iid, img, lab in zip(c["image_ids"], c["images"], c["label"], strict=True)
-    ]
-    got = [
-        (e["case_id"], e["patient_id"], e["patient_key"], e["image_id"], e["image"], e["label"])
-        for e in images
-    ]
-    assert got == expected
-    pixels = datasets.decode_image(images[0]["image"]).numpy()
+def test_random_reads_match_the_cases(demo_dir):
+    """Any (case, image) read by index equals the same image read case by case, in any order."""
+    store, spec = datasets.load("demo/small", "test", data_dir=demo_dir)
+    cases = _collect(store)
+    flat = store.flat_index()
+    assert len(flat) == spec.num_images
+    order = np.random.default_rng(0).permutation(len(flat))
+    pairs = [tuple(int(x) for x in flat[r]) for r in order]
+    got = store.read(pairs)
+    for (c, i), enc in zip(pairs, got, strict=True):
+        assert enc == cases[c]["images"][i]
+        assert store.image_id(c, i) == cases[c]["image_ids"][i]
+        assert store.label_of(c, i)["label"] == cases[c]["label"][i]
+    pixels = datasets.decode_image(got[0]).numpy()
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
@@ -368,20 +365,19 @@ def test_read_transform_hook_multilabel_and_keep_image(fake_dir, policy):
     )
     ref = _fake_reference(policy)
     cases = _collect(ds)
-    assert {c["case_id"].decode() for c in cases} == set(ref)  # all-lateral case dropped
+    assert {c["case_id"] for c in cases} == set(ref)  # all-lateral case dropped
     assert spec.num_cases == len(ref) and spec.num_images == sum(len(r[2]) for r in ref.values())
     for c in cases:
-        label, mask, ids = ref[c["case_id"].decode()]
+        label, mask, ids = ref[c["case_id"]]
         np.testing.assert_array_equal(c["label"], label)
         np.testing.assert_array_equal(c["label_mask"], mask)
-        assert [i.decode() for i in c["image_ids"]] == ids and c["num_images"] == len(ids)
-        assert len(c["images"]) == len(ids)
-    assert ds.element_spec["label"].shape.as_list() == [None, 3]
-    assert ds.element_spec["label_mask"].shape.as_list() == [None, 3]
-    images = _collect(datasets.to_images(ds))
-    assert len(images) == spec.num_images
-    assert images[0]["label"].shape == images[0]["label_mask"].shape == (3,)
-    assert datasets.decode_image(images[0]["image"]).shape == (4, 4, 3)
+        assert c["image_ids"] == ids and c["num_images"] == len(ids)
+        # The kept images are read from their positions in the record (lateral views skipped).
+        values = [int(datasets.decode_image(e).numpy()[0, 0, 0]) for e in c["images"]]
+        assert values == [10 * int(i.rsplit("_", 1)[1]) for i in ids]
+    assert ds.labels.shape == ds.label_masks.shape == (spec.num_images, 3)
+    assert ds.label_of(0, 0)["label"].shape == ds.label_of(0, 0)["label_mask"].shape == (3,)
+    assert datasets.decode_image(ds.read([(0, 0)])[0]).shape == (4, 4, 3)
 
 
 def test_hook_label_fraction_and_bad_options(fake_dir):

@@ -248,5 +248,8 @@ def test_dicom_dataset_feeds_the_input_pipeline(tmp_path):
     data = {"name": "dicom_folder", "data_dir": str(tmp_path / "d"), "manual_dir": str(root)}
     store = input_pipeline.load_store(data, "train")
     assert store.spec.label_kind == "none" and store.num_cases == 3
-    img = datasets.decode_image(store.images[0][0]).numpy()
+    encoded = store.read([(0, 0)])[0]
+    img = datasets.decode_image(encoded).numpy()
     assert img.shape[-1] == 3 and img.dtype == np.uint8 and img.max() > img.min()
+    wide = datasets.decode_float(encoded).numpy()  # 16 bits kept until the crop
+    assert wide.dtype == np.float32 and len(np.unique(wide)) > len(np.unique(img))

@@ -168,22 +168,15 @@ class DicomFolder(case_builder.CaseBuilder):
 
 
 def list_dicom_files(root: epath.Path) -> list[str]:
-    """Sorted relative posix paths of the DICOM files under `root`."""
-    if not root.is_dir():
-        raise common.BadInputError(f"dicom_folder: root folder not found: {root}")
-    out = []
-    base = str(root)
-    for dirpath, dirnames, filenames in tf.io.gfile.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = posixpath.relpath(str(dirpath).replace("\\", "/"), base.replace("\\", "/"))
-        for name in filenames:
-            if name.startswith(".") or name.upper() == "DICOMDIR":
-                continue
-            path = posixpath.join(str(dirpath), name)
-            ext = posixpath.splitext(name)[1].lower()
-            if ext in DICOM_EXTENSIONS or dicom_io.is_dicom(path):
-                out.append(name if rel_dir == "." else f"{rel_dir}/{name}")
-    return sorted(out)
+    """Sorted relative posix paths of the DICOM files under `root` (by extension, else by the
+    'DICM' preamble; DICOMDIR index files skipped)."""
+
+    def keep(path: str, name: str) -> bool:
+        if name.upper() == "DICOMDIR":
+            return False
+        return posixpath.splitext(name)[1].lower() in DICOM_EXTENSIONS or dicom_io.is_dicom(path)
+
+    return common.list_files(root, keep, "dicom_folder")
 
 
 def image_rows(

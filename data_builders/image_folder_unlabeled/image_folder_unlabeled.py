@@ -17,7 +17,6 @@ import dataclasses
 import posixpath
 from typing import Any
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -123,18 +122,11 @@ class ImageFolderUnlabeled(case_builder.CaseBuilder):
 
 def list_images(root: epath.Path, extensions: tuple[str, ...]) -> list[str]:
     """Sorted relative posix paths of the images under `root` (hidden entries skipped)."""
-    if not root.is_dir():
-        raise common.BadInputError(f"image_folder_unlabeled: root folder not found: {root}")
-    out = []
-    base = str(root)
-    for dirpath, dirnames, filenames in tf.io.gfile.walk(base):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = posixpath.relpath(str(dirpath).replace("\\", "/"), base.replace("\\", "/"))
-        for name in filenames:
-            if name.startswith(".") or posixpath.splitext(name)[1].lower() not in extensions:
-                continue
-            out.append(name if rel_dir == "." else f"{rel_dir}/{name}")
-    return sorted(out)
+
+    def keep(path: str, name: str) -> bool:
+        return posixpath.splitext(name)[1].lower() in extensions
+
+    return common.list_files(root, keep, "image_folder_unlabeled")
 
 
 def image_row(

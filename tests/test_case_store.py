@@ -1,0 +1,127 @@
+"""Random-access input: no start-up scan, reads only what the schedule asks for, 16 bits kept
+until the crop, and the colour stage on the device equal to the host's."""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from medssl_jax import augment, augment_device, case_store, datasets, input_pipeline
+from medssl_jax.methods.base import Crops, Views
+from medssl_jax.schedule import Schedule
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    datasets.load("demo/small", "train", data_dir=data_dir)  # prepares every split
+    return data_dir
+
+
+class _CountingSource:
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __getitems__(self, keys):
+        self.read.extend(keys)
+        return self.source.__getitems__(keys)
+
+
+def _counted(store):
+    counter, original = {}, store.open_source
+
+    def open_source():
+        counter["s"] = _CountingSource(original())
+        return counter["s"]
+
+    store.open_source = open_source
+    return counter
+
+
+def test_metadata_is_stored_at_preparation_and_start_up_reads_no_record(demo_dir, monkeypatch):
+    datasets.load("demo/small", "validation", data_dir=demo_dir)
+    datasets._index_cache.clear()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the stored index was not used")
+
+    monkeypatch.setattr(case_store, "build_index", no_rebuild)
+    store, spec = datasets.load("demo/small", "validation", data_dir=demo_dir)
+    builder = datasets.make_builder("demo/small", demo_dir)
+    assert all(case_store.has_meta(builder, s) for s in builder.info.splits)
+    assert store._source is None  # loading touched no record
+    assert store.nbytes() < 200 * store.num_cases  # O(cases) metadata, no pixels
+    counter = _counted(store)
+    assert len(list(store)) == spec.num_cases
+    assert sorted(counter["s"].read) == sorted(store.records.tolist())  # each record once
+
+
+def test_pipeline_reads_only_the_scheduled_records(demo_dir):
+    store = input_pipeline.load_store({"name": "demo/small", "data_dir": demo_dir}, "train")
+    counter = _counted(store)
+    items = store.flat_index()
+    sched = Schedule(len(items), 8, 3)
+    gen = input_pipeline.pretrain_elements(
+        store, sched, items, batch_size=8, seed=3, start_step=5, multi_instance=False
+    )
+    elements = [next(gen) for _ in range(16)]  # steps 5 and 6
+    wanted = {int(store.records[items[it][0]]) for s in (5, 6) for it in sched.batch(s)}
+    assert set(counter["s"].read) == wanted
+    assert [int(e["case_index"]) for e in elements] == [
+        int(items[it][0]) for s in (5, 6) for it in sched.batch(s)
+    ]
+
+
+def test_a_rewritten_record_is_detected(demo_dir):
+    store, _ = datasets.load("demo/small", "test", data_dir=demo_dir)
+    store.case_ids = store.case_ids.copy()
+    store.case_ids[0] = b"someone_else"
+    with pytest.raises(case_store.StaleIndexError, match="delete the 'medssl_meta' folder"):
+        store.read([(0, 0)])
+
+
+def test_decode_float_keeps_16_bits():
+    ramp = (np.arange(64 * 64, dtype=np.uint32) * 16 % 65536).astype(np.uint16).reshape(64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    out = datasets.decode_float(buf.getvalue()).numpy()
+    assert out.shape == (64, 64, 3)
+    np.testing.assert_array_equal(np.round(out[..., 0] * 65535).astype(np.uint16), ramp)
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    np.testing.assert_array_equal(
+        datasets.decode_float(buf.getvalue()).numpy(),
+        augment.to_float_image(rgb).numpy(),
+    )
+
+
+def test_colour_on_the_device_equals_colour_on_the_host(demo_dir):
+    """Same (seed, step) -> the same crops; colour on the device differs from colour on the host
+    only by where the uint8 rounding happens."""
+    store = input_pipeline.load_store({"name": "demo/small", "data_dir": demo_dir}, "train")
+    views = Views(Crops(2, 32, (0.3, 1.0)), Crops(2, 16, (0.1, 0.3)))
+    aug = augment.recipe("simclr")
+    kw = dict(batch_size=8, views=views, aug=aug, seed=1, start_step=2)
+    host = next(input_pipeline.pretrain_dataset(store, **kw)[0].as_numpy_iterator())
+    dev = next(
+        input_pipeline.pretrain_dataset(store, color_on_device=True, **kw)[0].as_numpy_iterator()
+    )
+    assert host["views"].dtype == dev["views"].dtype == np.uint8
+    assert dev["color_params"].shape == (8, 4, augment.NUM_COLOR_PARAMS)
+    assert "color_params" not in host
+    out = jax.jit(lambda b: augment_device.device_views(b, blur=True))(
+        {k: dev[k] for k in ("views", "local_views", "color_params")}
+    )
+    assert set(out) == {"views", "local_views"}
+    for key in ("views", "local_views"):
+        ref = host[key].astype(np.float32) / 255
+        diff = np.abs(np.asarray(out[key]) - ref)
+        assert diff.mean() < 1.0 / 255 and diff.max() < 6.0 / 255, (key, diff.max())
+    # The colour stage really ran on the device (not just the uint8 -> float conversion).
+    plain = dev["views"].astype(np.float32) / 255
+    assert np.abs(np.asarray(out["views"]) - plain).mean() > 10.0 / 255
