@@ -218,10 +218,11 @@ class CaseStore:
 
     def flat_index(self) -> np.ndarray:
         """[N, 2] (case, image) pairs: one row per image."""
-        counts = self.counts
-        case = np.repeat(np.arange(self.num_cases, dtype=np.int64), counts)
-        image = np.arange(self.num_images, dtype=np.int64) - self.offsets[case]
-        return np.stack([case, image], 1).reshape(-1, 2)
+        out = np.empty((self.num_images, 2), np.int64)  # filled in place: few temporaries
+        out[:, 0] = np.repeat(np.arange(self.num_cases, dtype=np.int64), self.counts)
+        out[:, 1] = np.arange(self.num_images, dtype=np.int64)
+        out[:, 1] -= self.offsets[out[:, 0]]
+        return out
 
     def row(self, c: int, i: int) -> int:
         """Row of image i of case c in the per-image arrays."""
@@ -299,18 +300,21 @@ def select(
 ) -> CaseStore:
     """The cases where `keep` (bool [C]) of a split index, as a CaseStore."""
     counts = index["num_images"].astype(np.int64)
-    img_keep = np.repeat(keep, counts)
     offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
+    if keep.all():  # (one process, everything kept: no copies)
+        cases = images = slice(None)
+    else:
+        cases, images = keep, np.repeat(keep, counts)
     return CaseStore(
         spec=spec,
         open_source=open_source,
-        case_ids=index["case_id"][keep],
-        patient_ids=index["patient_id"][keep],
-        patient_keys=index["patient_key"][keep].astype(np.int32),
-        records=index["record"][keep].astype(np.int64),
+        case_ids=index["case_id"][cases],
+        patient_ids=index["patient_id"][cases],
+        patient_keys=index["patient_key"][cases].astype(np.int32, copy=False),
+        records=index["record"][cases].astype(np.int64, copy=False),
         offsets=offsets,
-        image_ids=index["image_ids"][img_keep],
-        image_pos=index["image_pos"][img_keep].astype(np.int32),
-        labels=index["label"][img_keep],
-        label_masks=index["label_mask"][img_keep] if "label_mask" in index else None,
+        image_ids=index["image_ids"][images],
+        image_pos=index["image_pos"][images].astype(np.int32, copy=False),
+        labels=index["label"][images],
+        label_masks=index["label_mask"][images] if "label_mask" in index else None,
     )

@@ -64,7 +64,6 @@ from medssl_jax.case_store import CaseStore, DataSpec, patient_key  # noqa: F401
 
 LABEL_KINDS = ("multiclass", "multilabel", "none")
 _INDEX_VERSION = 2
-_index_cache: dict[str, dict[str, np.ndarray]] = {}
 _index_lock = threading.Lock()
 
 Transform = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
@@ -254,7 +253,8 @@ def _source_digest(fn: Transform) -> str:
 
 def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
     """Flat index of (builder, split, options) from the stored metadata (`case_store`), cached
-    in memory and next to the prepared data; rebuilt when the hook's source changes."""
+    next to the prepared data (not in memory: a process keeps only its own cases); rebuilt when
+    the hook's source changes."""
     blob = json.dumps(
         [_INDEX_VERSION, str(split), dict(options or {}), _source_digest(fn)],
         sort_keys=True,
@@ -263,8 +263,6 @@ def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
     path = os.path.join(str(builder.data_dir), f"medssl_index-{digest}.npz")
     with _index_lock:
-        if path in _index_cache:
-            return _index_cache[path]
         index = None
         if os.path.exists(path):
             try:
@@ -282,8 +280,7 @@ def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
                 np.savez(tmp, **index)
                 os.replace(tmp, path)
             except OSError:
-                pass  # read-only data_dir: keep the in-memory copy only
-        _index_cache[path] = index
+                pass  # read-only data_dir: rebuilt next time
         return index
 
 

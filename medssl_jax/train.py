@@ -11,7 +11,9 @@ import ml_collections
 from data_builders.common import BadInputError
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import finetune, methods, pretrain
+from medssl_jax.case_store import StaleIndexError
 from medssl_jax.config_lib import SUPERVISED, ConfigError
+from medssl_jax.datasets import DatasetFormatError
 from medssl_jax.loop import DivergenceError
 
 # What a user can cause and fix (bad config, data, paths, checkpoints; a diverged run): main.py
@@ -21,6 +23,8 @@ USER_ERRORS = (
     BadInputError,
     ckpt_lib.CheckpointError,
     DivergenceError,
+    DatasetFormatError,
+    StaleIndexError,
     FileNotFoundError,
     NotADirectoryError,
     PermissionError,

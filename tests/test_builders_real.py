@@ -438,6 +438,9 @@ def test_reader_hook_through_load(chexpert_study, ham_built, data_dir, tmp_path)
 
     with pytest.raises(datasets.DatasetFormatError, match="Re-prepare it: delete"):
         datasets.load("chexpert", "train", data_dir=str(data_dir))
+    from medssl_jax import train
+
+    assert issubclass(datasets.DatasetFormatError, train.USER_ERRORS)  # main.py: one line
     _, splits = chexpert_study
     raw = {text(ex["case_id"]): ex for ex in splits["train"]}
     opts = {"uncertainty": "u_ignore", "views": "frontal"}

@@ -44,7 +44,6 @@ def _counted(store):
 
 def test_metadata_is_stored_at_preparation_and_start_up_reads_no_record(demo_dir, monkeypatch):
     datasets.load("demo/small", "validation", data_dir=demo_dir)
-    datasets._index_cache.clear()
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the stored index was not used")
