@@ -170,6 +170,35 @@ def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path, damag
     assert _checkpointer(tmp_path).restore_newest_usable(_state(0))[2] == 4
 
 
+def test_damaged_array_data_with_readable_metadata_falls_back(tmp_path):
+    """The newest step's metadata reads fine but its array data is truncated: the restore itself
+    fails, the step is set aside, and the previous one is used."""
+    rng = np.random.default_rng(0)
+    states = {s: {"w": rng.normal(size=1 << 15).astype(np.float32)} for s in (2, 4)}
+    ck = _checkpointer(tmp_path)
+    for step, state in states.items():
+        assert ck.save(step, state, {"step": step})
+    ck.close()
+    data = [p for p in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*") if p.is_file()]
+    victim = max(data, key=lambda p: p.stat().st_size)  # the random array's chunk
+    assert victim.stat().st_size > 1 << 16
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    ck = _checkpointer(tmp_path)
+    tried, restore = [], ck.restore
+
+    def recording(abstract, step):
+        tried.append(step)
+        return restore(abstract, step)
+
+    ck.restore = recording
+    state, meta, step = ck.restore_newest_usable({"w": np.zeros(1 << 15, np.float32)})
+    assert tried == [4, 2]  # step 4's metadata passed; its restore failed
+    assert step == 2 and meta == {"step": 2}
+    np.testing.assert_array_equal(state["w"], states[2]["w"])
+    assert "unusable_4_unreadable" in _steps_on_disk(tmp_path)
+
+
 def test_nonfinite_checkpoint_is_never_resumed_and_foreign_one_is_an_error(tmp_path):
     ck = _checkpointer(tmp_path)
     ck.save(2, _state(2), {})
