@@ -43,13 +43,6 @@ def patient_key(patient_id: tf.Tensor | str) -> tf.Tensor:
     return tf.cast(tf.strings.to_hash_bucket_fast(patient_id, 2**31 - 1), tf.int32)
 
 
-def read_config() -> tfds.ReadConfig:
-    """Deterministic, in-order reading (record r of the split is element r)."""
-    options = tf.data.Options()
-    options.deterministic = True
-    return tfds.ReadConfig(options=options, try_autocache=False, interleave_cycle_length=1)
-
-
 # ----------------------------------------------------------------------------- metadata
 
 

@@ -82,13 +82,6 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
 
 
-def _label_of(store: CaseStore, c: int, i: int) -> dict[str, np.ndarray]:
-    out = store.label_of(c, i)
-    if store.spec.label_kind == "multilabel":
-        return {k: np.asarray(v, np.float32) for k, v in out.items()}
-    return {"label": np.int32(out["label"])}
-
-
 def pretrain_elements(
     store: CaseStore,
     sched: Schedule,
@@ -131,7 +124,7 @@ def pretrain_elements(
                 "distinct": np.float32(i != j),
                 "case_index": np.int64(c),
                 "pair": np.asarray([i, j], np.int32),
-                **_label_of(store, c, i),
+                **store.label_of(c, i),
             }
         step += 1
 
@@ -245,7 +238,7 @@ def finetune_dataset(
                 yield {
                     "a": enc,
                     "seed": np.asarray([seed * 7919 + process_index, step * batch_size + pos]),
-                    **_label_of(store, c, i),
+                    **store.label_of(c, i),
                 }
             step += 1
 
@@ -287,7 +280,7 @@ def eval_batches(
                     "a": enc,
                     "valid": np.float32(r < n),
                     "index": np.int64(min(r, n - 1)),
-                    **_label_of(store, c, i),
+                    **store.label_of(c, i),
                 }
 
     signature = {
