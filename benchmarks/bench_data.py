@@ -18,6 +18,7 @@ feed one accelerator at `--demand` images/s.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -103,6 +104,14 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _trim() -> None:
+    """Returns freed heap pages to the OS (glibc), so RSS deltas show what is still held."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     try:  # makes ru_maxrss restart from the current RSS (Linux)
         with open("/proc/self/clear_refs", "w") as f:
@@ -123,34 +132,55 @@ def scale_worker(n: int, data_dir: str, batch: int, steps: int) -> dict:
     tf.constant(0).numpy()
     base = _rss_bytes()
     exact_peak = _reset_peak()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     store = input_pipeline.load_store(
         {"name": f"bench_synthetic/n{n}", "data_dir": data_dir}, "train"
     )
     loaded = time.perf_counter()
+    # Open the ArrayRecord readers (reads across every shard), as the first batch would anyway.
+    # They keep an offset index per record: O(cases) metadata that is not ours (TFDS writes
+    # group_size 1). reader_index_bytes: its RSS once freed buffers are returned (malloc_trim).
+    _trim()
+    before_readers = _rss_bytes()
+    t = time.perf_counter()
+    store.read([(int(c), 0) for c in np.linspace(0, store.num_cases - 1, 64).astype(int)])
+    reader_open_s = time.perf_counter() - t
+    _trim()
+    reader_bytes = _rss_bytes() - before_readers
     ds, sched = input_pipeline.pretrain_dataset(
         store, batch_size=batch, views=views, aug=augment.recipe("simclr"), seed=0
     )
     it = ds.as_numpy_iterator()
     next(it)
-    first = time.perf_counter()
+    first, first_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         next(it)
     done = time.perf_counter()
     del it, ds  # stop the reader thread now: at interpreter exit it may abort
     gc.collect()
-    # O(cases) metadata: the store, the schedule's (case, image) items and its cached epochs.
-    items_bytes = store.num_images * 2 * 8  # `flat_index()`, int64 [N, 2]
-    schedule_bytes = items_bytes + sum(a.nbytes for a in sched._epoch_cache.values())
+    # The index is memory-mapped: pages become resident as they are touched. Touch them all,
+    # as a long run eventually does, so the peak below is the worst case.
+    arrays = [a for a in vars(store).values() if isinstance(a, np.ndarray)]
+    mapped = sum(a.nbytes for a in arrays if isinstance(a, np.memmap))
+    for a in arrays:
+        int(a.reshape(-1).view(np.uint8)[:: os.sysconf("SC_PAGE_SIZE")].sum())
+    # O(cases) metadata: the store and the schedule's cached epochs (it indexes image rows).
+    schedule_bytes = sum(a.nbytes for a in sched._epoch_cache.values())
     return {
         "cases": store.num_cases,
         "load_store_s": loaded - start,
         "startup_s": first - start,  # load_store + first batch
+        "startup_cpu_s": first_cpu - start_cpu,  # all threads: less sensitive to other load
         "images_per_s": steps * batch * 2 / (done - first),
-        "peak_rss_above_base_bytes": _peak_rss_bytes() - base if exact_peak else None,
+        # (without a reset the lifetime peak: an upper bound)
+        "peak_rss_above_base_bytes": _peak_rss_bytes() - base,
+        "peak_is_exact": exact_peak,
         "rss_after_bytes": _rss_bytes() - base,
         "metadata_bytes": store.nbytes() + schedule_bytes,
         "metadata_bytes_per_case": (store.nbytes() + schedule_bytes) / store.num_cases,
+        "metadata_mapped_bytes": mapped,  # of which shared by a host's processes (page cache)
+        "reader_index_bytes": reader_bytes,
+        "reader_open_s": reader_open_s,
     }
 
 
@@ -170,10 +200,11 @@ def run_scale(sizes: list[int], data_dir: str, batch: int, steps: int, repeats: 
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.splitlines()[-1]))
         best = min(runs, key=lambda r: r["startup_s"])
-        for key in ("peak_rss_above_base_bytes", "rss_after_bytes"):
-            values = [r[key] for r in runs if r[key] is not None]
-            best[key] = min(values) if values else None
+        for key in ("peak_rss_above_base_bytes", "rss_after_bytes", "reader_index_bytes"):
+            best[key] = min(r[key] for r in runs)
         best["startup_s_all"] = [r["startup_s"] for r in runs]
+        best["startup_cpu_s"] = min(r["startup_cpu_s"] for r in runs)
+        best["reader_open_s"] = min(r["reader_open_s"] for r in runs)
         row = {"n": n, "prepare_and_index_s": prepare_s, **best}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -186,25 +217,41 @@ def run_scale(sizes: list[int], data_dir: str, batch: int, steps: int, repeats: 
                 return None
             return big[key] / small[key] - 1.0
 
-        without_meta = {
-            r["n"]: (r["peak_rss_above_base_bytes"] or r["rss_after_bytes"]) - r["metadata_bytes"]
-            for r in rows
-        }
-        load = {r["n"]: r["startup_s"] - r["load_store_s"] for r in rows}
+        def without_meta(r: dict, key: str) -> float:
+            return r[key] - r["metadata_bytes"]
+
+        # the ArrayRecord readers' per-record offsets, per case (growth of reader_index_bytes)
+        reader_per_case = (big["reader_index_bytes"] - small["reader_index_bytes"]) / (
+            big["n"] - small["n"]
+        )
+
+        def without_all(r: dict, key: str) -> float:
+            return without_meta(r, key) - reader_per_case * r["n"]
+
+        # start-up without reading O(cases) metadata (our index, the readers' offsets)
+        load = {r["n"]: r["startup_s"] - r["load_store_s"] - r["reader_open_s"] for r in rows}
         summary = {
             "from_to": [small["n"], big["n"]],
             "startup_growth": growth("startup_s"),
-            # start-up without loading the O(cases) index file
-            "startup_minus_index_load_growth": load[big["n"]] / load[small["n"]] - 1,
-            "rss_after_minus_metadata_growth": (big["rss_after_bytes"] - big["metadata_bytes"])
-            / (small["rss_after_bytes"] - small["metadata_bytes"])
-            - 1,
+            "startup_cpu_growth": growth("startup_cpu_s"),
+            "startup_minus_index_and_reader_open_growth": load[big["n"]] / load[small["n"]] - 1,
             "peak_rss_growth": growth("peak_rss_above_base_bytes"),
-            "peak_rss_minus_metadata_growth": without_meta[big["n"]] / without_meta[small["n"]] - 1,
             "metadata_bytes_per_case": big["metadata_bytes_per_case"],
+            # everything but our metadata: libraries, tf.data buffers, the ArrayRecord readers
+            "peak_rss_minus_metadata_growth": without_meta(big, "peak_rss_above_base_bytes")
+            / without_meta(small, "peak_rss_above_base_bytes")
+            - 1,
+            "rss_after_minus_metadata_growth": without_meta(big, "rss_after_bytes")
+            / without_meta(small, "rss_after_bytes")
+            - 1,
+            "reader_index_bytes_per_case": reader_per_case,
+            "peak_rss_minus_metadata_and_reader_index_growth": without_all(
+                big, "peak_rss_above_base_bytes"
+            )
+            / without_all(small, "peak_rss_above_base_bytes")
+            - 1,
             "rss_bytes_per_extra_case": (
-                (big["peak_rss_above_base_bytes"] or big["rss_after_bytes"])
-                - (small["peak_rss_above_base_bytes"] or small["rss_after_bytes"])
+                big["peak_rss_above_base_bytes"] - small["peak_rss_above_base_bytes"]
             )
             / (big["n"] - small["n"]),
         }
@@ -251,7 +298,7 @@ def run_throughput(
     store = input_pipeline.load_store(data, "train")
     # Raw random reads of encoded records (no decoding).
     order = np.random.default_rng(0).permutation(store.num_images)
-    pairs = [tuple(int(x) for x in store.flat_index()[r]) for r in order]
+    pairs = list(zip(*(a.tolist() for a in store.locate(order)), strict=True))
     start = time.perf_counter()
     nbytes = sum(len(b) for k in range(0, len(pairs), 256) for b in store.read(pairs[k : k + 256]))
     read_s = time.perf_counter() - start

@@ -127,15 +127,18 @@ def standardize(fn: Transform, label_kind: str, k: int) -> Transform:
 
 
 def build_index(path: str, fn: Transform, label_kind: str, k: int) -> dict[str, np.ndarray]:
-    """The read transform over a split's stored metadata -> flat arrays (see `CaseStore`)."""
+    """The read transform over a split's stored metadata -> flat arrays (see `CaseStore`):
+    per case 'record', 'case_id', 'patient_id', 'patient_key' and 'offsets' [C + 1] (images of
+    case c are rows offsets[c]:offsets[c + 1]); per image 'image_ids', 'image_pos', 'label'
+    (+ 'label_mask')."""
     ds = tf.data.Dataset.load(path).map(standardize(fn, label_kind, k))
-    per_case = ("record", "case_id", "patient_id", "patient_key", "num_images")
+    per_case = ("record", "case_id", "patient_id", "patient_key")
     per_image = ["image_ids", "image_pos", "label"] + (
         ["label_mask"] if label_kind == "multilabel" else []
     )
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in (*per_case, *per_image)}
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in (*per_case, "num_images", *per_image)}
     for batch in ds.ragged_batch(4096):
-        for key in per_case:
+        for key in (*per_case, "num_images"):
             parts[key].append(batch[key].numpy())
         for key in per_image:
             parts[key].append(batch[key].flat_values.numpy())
@@ -145,7 +148,7 @@ def build_index(path: str, fn: Transform, label_kind: str, k: int) -> dict[str, 
     for key in ("case_id", "patient_id", "image_ids"):  # object -> fixed-width bytes: compact
         index[key] = index[key].astype(np.bytes_)
     order = np.argsort(index["record"], kind="stable")  # record order, whatever the snapshot's
-    counts = index["num_images"].astype(np.int64)
+    counts = index.pop("num_images").astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     if not np.array_equal(order, np.arange(len(order))):
         img_order = np.concatenate([np.arange(starts[c], starts[c + 1]) for c in order])
@@ -153,6 +156,8 @@ def build_index(path: str, fn: Transform, label_kind: str, k: int) -> dict[str, 
             index[key] = index[key][order]
         for key in per_image:
             index[key] = index[key][img_order.astype(np.int64)]
+        counts = counts[order]
+    index["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [C + 1]
     index["label"] = (
         index["label"].astype(np.float32)
         if label_kind == "multilabel"
@@ -162,6 +167,44 @@ def build_index(path: str, fn: Transform, label_kind: str, k: int) -> dict[str, 
         index["label"] = index["label"].reshape(-1, k)
         index["label_mask"] = index["label_mask"].astype(np.float32).reshape(-1, k)
     return index
+
+
+def save_index(index: dict[str, np.ndarray], path: str) -> None:
+    """Writes an index as a folder of .npy files (one per array), atomically: a temporary
+    folder renamed into place. A concurrent writer that finished first wins (same content)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for key, value in index.items():
+        np.save(os.path.join(tmp, f"{key}.npy"), value, allow_pickle=False)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # already there
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_index(path: str) -> dict[str, np.ndarray] | None:
+    """An index saved by `save_index`, memory-mapped read-only: start-up reads nothing, pages
+    come in as they are touched, and the processes of one host share one copy (page cache).
+    None when it is missing or inconsistent (then it is rebuilt)."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        index = {
+            name[: -len(".npy")]: np.load(os.path.join(path, name), mmap_mode="r")
+            for name in os.listdir(path)
+            if name.endswith(".npy")
+        }
+        cases, images = index["case_id"], index["image_ids"]
+        consistent = (
+            len(index["offsets"]) == len(cases) + 1
+            and int(index["offsets"][-1]) == len(images)
+            and all(len(index[k]) == len(cases) for k in ("record", "patient_id", "patient_key"))
+            and all(len(index[k]) == len(images) for k in ("image_pos", "label"))
+        )
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    return index if consistent else None
 
 
 # ----------------------------------------------------------------------------- store
@@ -209,13 +252,16 @@ class CaseStore:
         arrays = [getattr(self, f.name) for f in dataclasses.fields(self)]
         return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
 
-    def flat_index(self) -> np.ndarray:
-        """[N, 2] (case, image) pairs: one row per image."""
-        out = np.empty((self.num_images, 2), np.int64)  # filled in place: few temporaries
-        out[:, 0] = np.repeat(np.arange(self.num_cases, dtype=np.int64), self.counts)
-        out[:, 1] = np.arange(self.num_images, dtype=np.int64)
-        out[:, 1] -= self.offsets[out[:, 0]]
-        return out
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the per-image arrays -> (case, image within the case), int64 each. Schedules
+        index rows directly, so no [N, 2] (case, image) table is ever held."""
+        rows = np.asarray(rows, np.int64)
+        cases = np.searchsorted(self.offsets, rows, side="right") - 1
+        return cases, rows - self.offsets[cases]
+
+    def count(self, c: int) -> int:
+        """Number of images of case c."""
+        return int(self.offsets[c + 1] - self.offsets[c])
 
     def row(self, c: int, i: int) -> int:
         """Row of image i of case c in the per-image arrays."""
@@ -243,7 +289,7 @@ class CaseStore:
                     f"record {int(self.records[c])} of {self.spec.name!r} split "
                     f"{self.spec.split!r} holds case {feats['case_id'].bytes_list.value[0]!r}, "
                     f"the stored index says {self.case_ids[c]!r}: the data was rewritten after "
-                    f"its index; delete the '{META_DIR}' folder and the medssl_index-*.npz files "
+                    f"its index; delete the '{META_DIR}' folder and the medssl_index-* folders "
                     "next to it to rebuild them"
                 )
             out.append(feats["images"].bytes_list.value[int(self.image_pos[self.row(c, i)])])
@@ -279,10 +325,11 @@ class CaseStore:
         """Every case in order, images included (reads in chunks of 256 cases)."""
         for start in range(0, self.num_cases, 256):
             cs = range(start, min(start + 256, self.num_cases))
-            pairs = [(c, i) for c in cs for i in range(int(self.counts[c]))]
+            counts = {c: self.count(c) for c in cs}
+            pairs = [(c, i) for c in cs for i in range(counts[c])]
             images = iter(self.read(pairs))
             for c in cs:
-                yield self.case(c, [next(images) for _ in range(int(self.counts[c]))])
+                yield self.case(c, [next(images) for _ in range(counts[c])])
 
 
 def select(
@@ -292,12 +339,14 @@ def select(
     open_source: Callable[[], Sequence[Any]],
 ) -> CaseStore:
     """The cases where `keep` (bool [C]) of a split index, as a CaseStore."""
-    counts = index["num_images"].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
-    if keep.all():  # (one process, everything kept: no copies)
+    all_offsets = index["offsets"]
+    if keep.all():  # (one process, everything kept: no copies, no temporaries)
         cases = images = slice(None)
+        offsets = all_offsets
     else:
+        counts = np.diff(all_offsets)
         cases, images = keep, np.repeat(keep, counts)
+        offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
     return CaseStore(
         spec=spec,
         open_source=open_source,

@@ -39,9 +39,10 @@ Splits: builders assign patients to splits with `medssl_jax.data_splits.patient_
 Storage: `make_builder` prepares every dataset as ArrayRecord (random access by record index);
 `prepare` then stores each split's non-image features with their record indices
 (`case_store.write_meta`). `load` applies the read transform to that metadata once per
-(split, options, hook source) and caches the result as `<builder.data_dir>/medssl_index-<hash>.npz`;
-start-up reads only that file, never the pixels. Datasets prepared as TFRecord by earlier
-versions raise `DatasetFormatError` saying how to re-prepare them.
+(split, options, hook source) and saves the result as `<builder.data_dir>/medssl_index-<hash>/`
+(.npy files, memory-mapped at start-up); start-up reads nothing else, never the pixels.
+Datasets prepared as TFRecord by earlier versions raise `DatasetFormatError` saying how to
+re-prepare them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -63,7 +65,7 @@ from medssl_jax import case_store, data_splits
 from medssl_jax.case_store import CaseStore, DataSpec, patient_key  # noqa: F401 (re-exported)
 
 LABEL_KINDS = ("multiclass", "multilabel", "none")
-_INDEX_VERSION = 2
+_INDEX_VERSION = 3
 _index_lock = threading.Lock()
 
 Transform = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
@@ -252,33 +254,27 @@ def _source_digest(fn: Transform) -> str:
 
 
 def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
-    """Flat index of (builder, split, options) from the stored metadata (`case_store`), cached
-    next to the prepared data (not in memory: a process keeps only its own cases); rebuilt when
-    the hook's source changes."""
+    """Flat index of (builder, split, options) from the stored metadata (`case_store`), saved
+    next to the prepared data and memory-mapped from there (`case_store.load_index`); rebuilt
+    when the hook's source changes."""
     blob = json.dumps(
         [_INDEX_VERSION, str(split), dict(options or {}), _source_digest(fn)],
         sort_keys=True,
         default=str,
     )
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = os.path.join(str(builder.data_dir), f"medssl_index-{digest}.npz")
+    path = os.path.join(str(builder.data_dir), f"medssl_index-{digest}")
     with _index_lock:
-        index = None
-        if os.path.exists(path):
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    index = {k: z[k] for k in z.files}
-            except (OSError, ValueError, KeyError):
-                index = None
+        index = case_store.load_index(path)
         if index is None:
             meta = case_store.meta_path(builder, split)
             index = case_store.build_index(meta, fn, fields["label_kind"], fields["num_classes"])
             if not index:
                 raise ValueError(f"split {split!r} of dataset {builder.name!r} is empty")
             try:
-                tmp = f"{path}.tmp{os.getpid()}.npz"
-                np.savez(tmp, **index)
-                os.replace(tmp, path)
+                shutil.rmtree(path, ignore_errors=True)  # an inconsistent earlier copy
+                case_store.save_index(index, path)
+                index = case_store.load_index(path) or index  # mapped, like every later start
             except OSError:
                 pass  # read-only data_dir: rebuilt next time
         return index
@@ -286,8 +282,8 @@ def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
 
 def _strata(index: dict, label_kind: str) -> np.ndarray:
     """Per-case stratum for label fractions: the first image's class (or label set)."""
-    counts = index["num_images"].astype(np.int64)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    counts = np.diff(index["offsets"])
+    first = index["offsets"][:-1]
     has = counts > 0
     if label_kind == "multiclass":
         out = np.full(len(counts), -1, np.int64)
@@ -342,11 +338,11 @@ def load(
     _check_split(builder, split)
 
     index = _get_index(builder, split, fn, fields, options)
-    nonempty = index["num_images"] > 0
-    keep = nonempty.copy()
+    offsets = index["offsets"]
+    keep = offsets[1:] != offsets[:-1]  # cases with images (a hook may drop them all)
     labelled = None
     if f < 1.0:
-        ne = np.flatnonzero(nonempty)
+        ne = np.flatnonzero(keep)
         ids = [c.decode() for c in index["case_id"][ne]]
         chosen = data_splits.select_label_fraction(
             ids, _strata(index, fields["label_kind"])[ne], f, fraction_seed
@@ -364,9 +360,12 @@ def load(
         num_classes=fields["num_classes"],
         class_names=fields["class_names"],
         num_cases=int(keep.sum()),
-        num_images=int(index["num_images"][keep].sum()),
+        num_images=int(offsets[-1] if keep.all() else np.diff(offsets)[keep].sum()),
     )
-    mine = keep & (index["patient_key"] % process_count == process_index)
+    # Start-up memory: beyond the index itself, only bool [C] temporaries.
+    mine = keep
+    if process_count > 1:
+        mine = keep & (index["patient_key"] % process_count == process_index)
 
     def open_source():
         return builder.as_data_source(

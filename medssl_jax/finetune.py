@@ -140,7 +140,7 @@ def predict(
 
     All processes run the same number of eval steps (shorter shards are padded), as the
     collectives require. Returns global 'logits', 'label', ('label_mask') of valid rows, and
-    'local_logits' + 'local_index' (into store.flat_index()) for this process's CSV.
+    'local_logits' + 'local_index' (rows of the store's per-image arrays) for this process's CSV.
     """
     n_local = store.num_images
     n_batches = -(-n_local // local_batch)
@@ -186,7 +186,7 @@ def split_metrics(pred: dict[str, np.ndarray], spec, *, graded: bool) -> dict[st
 
 def _write_predictions(path: str, pred: dict, store: CaseStore) -> None:
     rows = np.asarray(pred["local_index"], np.int64)  # rows of the per-image arrays
-    cases = store.flat_index()[rows, 0]
+    cases, _ = store.locate(rows)
     logits = pred["local_logits"]
     multilabel = store.spec.label_kind == "multilabel"
     scores = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)

@@ -85,7 +85,6 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
 def pretrain_elements(
     store: CaseStore,
     sched: Schedule,
-    items: np.ndarray,
     *,
     batch_size: int,
     seed: int,
@@ -95,24 +94,26 @@ def pretrain_elements(
 ) -> Iterator[dict[str, Any]]:
     """Un-augmented pretraining elements, batch after batch from `start_step`.
 
+    The schedule's items are cases (multi-instance) or rows of the store's per-image arrays.
     Multi-instance (MICLe) pairing: a case with M >= 2 images gives two distinct images drawn
     afresh at every visit; M == 1 gives its one image twice ('b' empty, 'distinct' 0).
     Otherwise: the item's image twice. 'seed' is the stateless augmentation seed of the element.
     """
-    counts = store.counts
     step = start_step
     while True:
         rng = _rng(seed, process_index, step, 3)
         rows = []
-        for it in sched.batch(step):
-            c, i = (int(x) for x in items[it])
-            m = int(counts[c])
-            if multi_instance and m >= 2:
-                i, j = (int(x) for x in rng.choice(m, size=2, replace=False))
-            else:
-                i = int(rng.integers(m)) if multi_instance else i
-                j = i
-            rows.append((c, i, j))
+        if multi_instance:
+            for c in sched.batch(step).tolist():
+                m = store.count(c)
+                if m >= 2:
+                    i, j = (int(x) for x in rng.choice(m, size=2, replace=False))
+                else:
+                    i = j = int(rng.integers(m))
+                rows.append((c, i, j))
+        else:
+            cases, images = store.locate(sched.batch(step))
+            rows = [(c, i, i) for c, i in zip(cases.tolist(), images.tolist(), strict=True)]
         pairs = [(c, i) for c, i, _ in rows] + [(c, j) for c, i, j in rows if j != i]
         encoded = dict(zip(pairs, store.read(pairs), strict=True))
         for pos, (c, i, j) in enumerate(rows):
@@ -145,19 +146,15 @@ def pretrain_dataset(
     """Infinite pretraining batches from `start_step` on: the crops `views` declares, of one
     image per example or (multi_instance) of two distinct images of one case; with
     `color_on_device`, without their colour/blur stage (see the module docstring)."""
-    if multi_instance:  # epochs over cases
-        items = np.stack([np.arange(store.num_cases), np.zeros(store.num_cases, np.int64)], 1)
-        keys = store.patient_keys if patient_unique else None
-    else:  # epochs over images
-        items = store.flat_index()
-        keys = None
-    sched = Schedule(len(items), batch_size, seed, salt=process_index, patient_keys=keys)
+    # Epochs over cases (multi-instance) or over images (rows of the store's per-image arrays).
+    num_items = store.num_cases if multi_instance else store.num_images
+    keys = store.patient_keys if multi_instance and patient_unique else None
+    sched = Schedule(num_items, batch_size, seed, salt=process_index, patient_keys=keys)
 
     def generate():
         yield from pretrain_elements(
             store,
             sched,
-            items,
             batch_size=batch_size,
             seed=seed,
             start_step=start_step,
@@ -227,13 +224,13 @@ def finetune_dataset(
     process_index: int = 0,
 ) -> tuple[tf.data.Dataset, Schedule]:
     """Infinite supervised training batches {'image' [B,S,S,3], 'label', ('label_mask')}."""
-    items = store.flat_index()
-    sched = Schedule(len(items), batch_size, seed, salt=process_index)
+    sched = Schedule(store.num_images, batch_size, seed, salt=process_index)
 
     def generate():
         step = start_step
         while True:
-            pairs = [tuple(int(x) for x in items[it]) for it in sched.batch(step)]
+            cases, images = store.locate(sched.batch(step))
+            pairs = list(zip(cases.tolist(), images.tolist(), strict=True))
             for pos, ((c, i), enc) in enumerate(zip(pairs, store.read(pairs), strict=True)):
                 yield {
                     "a": enc,
@@ -264,16 +261,17 @@ def eval_batches(
     store: CaseStore, *, batch_size: int, image_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every image of the store once, centre-cropped, in order; the last batch is padded and
-    'valid' (float32 [B]) marks real rows. Also yields 'index' [B] into `store.flat_index()`."""
-    items = store.flat_index()
-    n = len(items)
+    'valid' (float32 [B]) marks real rows. Also yields 'index' [B]: the row of the store's
+    per-image arrays."""
+    n = store.num_images
     padded = -(-n // batch_size) * batch_size
 
     def generate():
         for start in range(0, padded, batch_size):
             n_b = batch_size
-            rows = [min(r, n - 1) for r in range(start, start + n_b)]
-            pairs = [tuple(int(x) for x in items[r]) for r in rows]
+            rows = np.minimum(np.arange(start, start + n_b), n - 1)
+            cases, images = store.locate(rows)
+            pairs = list(zip(cases.tolist(), images.tolist(), strict=True))
             encoded = store.read(pairs)
             for r, (c, i), enc in zip(range(start, start + n_b), pairs, encoded, strict=True):
                 yield {

@@ -18,11 +18,17 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
+
+
 def plain_epoch(
     num_items: int, batch_size: int, seed: int, epoch: int, salt: int = 0
 ) -> np.ndarray:
-    """[num_batches, batch_size] item indices: a seeded permutation; the remainder is dropped."""
-    perm = _rng(seed, salt, epoch, 1).permutation(num_items)
+    """[num_batches, batch_size] item indices: a seeded permutation; the remainder is dropped.
+    int32 below 2**31 items (half the memory of `permutation`'s int64, same values)."""
+    perm = np.arange(num_items, dtype=_index_dtype(num_items))
+    _rng(seed, salt, epoch, 1).shuffle(perm)  # == Generator.permutation(num_items)
     n = (num_items // batch_size) * batch_size
     return perm[:n].reshape(-1, batch_size)
 
@@ -36,8 +42,11 @@ def patient_unique_epoch(
     being filled waits (in order) for the next batch. Cases still waiting when the epoch ends
     are left for this epoch only (the next epoch reshuffles). Returns (batches, num_left).
     """
-    order = _rng(seed, salt, epoch, 2).permutation(len(patient_keys))
-    batches: list[list[int]] = []
+    n = len(patient_keys)
+    order = np.arange(n, dtype=_index_dtype(n))
+    _rng(seed, salt, epoch, 2).shuffle(order)
+    out = np.empty((n // batch_size, batch_size), order.dtype)  # rows filled as batches close
+    num_batches = 0
     waiting: list[int] = []
     current: list[int] = []
     patients: set[int] = set()
@@ -50,11 +59,12 @@ def patient_unique_epoch(
         patients.add(p)
         return True
 
-    for i in order:
-        if not take(int(i)):
-            waiting.append(int(i))
+    for i in map(int, order):  # (not .tolist(): no O(cases) list of Python ints)
+        if not take(i):
+            waiting.append(i)
         while len(current) == batch_size:  # emit, then refill from the waiting cases first
-            batches.append(current)
+            out[num_batches] = current
+            num_batches += 1
             current, patients = [], set()
             still = []
             for w in waiting:
@@ -62,8 +72,7 @@ def patient_unique_epoch(
                     still.append(w)
             waiting = still
     left = len(current) + len(waiting)
-    arr = np.asarray(batches, dtype=np.int64).reshape(-1, batch_size)
-    return arr, left
+    return out[:num_batches], left
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ until the crop, and the colour stage on the device equal to the host's."""
 from __future__ import annotations
 
 import io
+import os
 
 import jax
 import numpy as np
@@ -59,20 +60,50 @@ def test_metadata_is_stored_at_preparation_and_start_up_reads_no_record(demo_dir
     assert sorted(counter["s"].read) == sorted(store.records.tolist())  # each record once
 
 
+def test_index_is_memory_mapped_and_a_damaged_one_is_rebuilt(demo_dir):
+    """The saved index round-trips, comes back memory-mapped (shared page cache, nothing read
+    at start-up), and a folder that lost or truncated an array is rebuilt, not trusted."""
+    store, _ = datasets.load("demo/small", "test", data_dir=demo_dir)
+    assert isinstance(store.case_ids, np.memmap) and isinstance(store.offsets, np.memmap)
+    with pytest.raises(ValueError, match="read-only"):
+        store.labels[0] = 1  # the shared index cannot be changed by one process
+    root = str(datasets.make_builder("demo/small", demo_dir).data_dir)
+    [path] = [
+        os.path.join(root, d)
+        for d in os.listdir(root)
+        if d.startswith("medssl_index-") and _same_cases(os.path.join(root, d), store)
+    ]
+    index = case_store.load_index(path)
+    np.testing.assert_array_equal(index["case_id"], store.case_ids)
+    expected = np.array(store.image_pos)
+    short = os.path.join(path, "short.npy")  # (replaced, not rewritten: `store` maps the file)
+    np.save(short, expected[:-1])
+    os.replace(short, os.path.join(path, "image_pos.npy"))
+    assert case_store.load_index(path) is None
+    again, _ = datasets.load("demo/small", "test", data_dir=demo_dir)
+    np.testing.assert_array_equal(again.image_pos, expected)
+    assert case_store.load_index(path) is not None  # rewritten
+    os.remove(os.path.join(path, "label.npy"))
+    assert case_store.load_index(path) is None
+
+
+def _same_cases(folder: str, store) -> bool:
+    ids = np.load(os.path.join(folder, "case_id.npy"))
+    return len(ids) == store.num_cases and bool(np.all(ids == store.case_ids))
+
+
 def test_pipeline_reads_only_the_scheduled_records(demo_dir):
     store = input_pipeline.load_store({"name": "demo/small", "data_dir": demo_dir}, "train")
     counter = _counted(store)
-    items = store.flat_index()
-    sched = Schedule(len(items), 8, 3)
+    sched = Schedule(store.num_images, 8, 3)
     gen = input_pipeline.pretrain_elements(
-        store, sched, items, batch_size=8, seed=3, start_step=5, multi_instance=False
+        store, sched, batch_size=8, seed=3, start_step=5, multi_instance=False
     )
     elements = [next(gen) for _ in range(16)]  # steps 5 and 6
-    wanted = {int(store.records[items[it][0]]) for s in (5, 6) for it in sched.batch(s)}
-    assert set(counter["s"].read) == wanted
-    assert [int(e["case_index"]) for e in elements] == [
-        int(items[it][0]) for s in (5, 6) for it in sched.batch(s)
-    ]
+    case_of_row = np.repeat(np.arange(store.num_cases), store.counts)
+    scheduled = [int(case_of_row[r]) for s in (5, 6) for r in sched.batch(s)]
+    assert set(counter["s"].read) == {int(store.records[c]) for c in scheduled}
+    assert [int(e["case_index"]) for e in elements] == scheduled
 
 
 def test_a_rewritten_record_is_detected(demo_dir):

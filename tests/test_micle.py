@@ -20,13 +20,11 @@ def store(tfds_data_dir):
 
 
 def _elements(store, *, patient_unique=True, start_step=0, steps=STEPS, seed=0):
-    items = np.stack([np.arange(store.num_cases), np.zeros(store.num_cases, np.int64)], 1)
     keys = store.patient_keys if patient_unique else None
-    sched = Schedule(len(items), BATCH, seed, patient_keys=keys)
+    sched = Schedule(store.num_cases, BATCH, seed, patient_keys=keys)
     gen = input_pipeline.pretrain_elements(
         store,
         sched,
-        items,
         batch_size=BATCH,
         seed=seed,
         start_step=start_step,

@@ -15,6 +15,16 @@ def test_plain_epoch_is_a_seeded_permutation():
     assert not np.array_equal(b, plain_epoch(103, 10, seed=2, epoch=0))
 
 
+def test_plain_epoch_is_the_same_permutation_in_int32():
+    """Halving the epoch's memory (int32) must not change a single batch: runs resumed across
+    versions keep their schedule. Reference: NumPy's own int64 permutation."""
+    for n, batch in ((103, 10), (4099, 64)):
+        ref = np.random.default_rng([5, 2, 3, 1]).permutation(n)[: n // batch * batch]
+        got = plain_epoch(n, batch, seed=5, epoch=3, salt=2)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got.ravel(), ref)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_patient_unique_batches(seed):
     rng = np.random.default_rng(seed)

@@ -8,7 +8,6 @@ MICLe draws pairs of two distinct real follow-up images of one patient.
 import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from medssl_jax import input_pipeline
@@ -52,10 +51,9 @@ def test_real_xrays_are_read_as_patient_level_splits(stores):
 
 def test_micle_pairs_on_real_follow_ups(stores):
     store = stores["train"]
-    items = np.stack([np.arange(store.num_cases), np.zeros(store.num_cases, np.int64)], 1)
-    sched = Schedule(len(items), 16, 0, patient_keys=store.patient_keys)
+    sched = Schedule(store.num_cases, 16, 0, patient_keys=store.patient_keys)
     gen = input_pipeline.pretrain_elements(
-        store, sched, items, batch_size=16, seed=0, start_step=0, multi_instance=True
+        store, sched, batch_size=16, seed=0, start_step=0, multi_instance=True
     )
     for _ in range(5):
         batch = [next(gen) for _ in range(16)]
