@@ -12,18 +12,16 @@ order) -> grayscale -> Gaussian blur -> clip to [0, 1].
 
 The view splits in two so the colour half can run on the accelerator:
 ``pretrain_view = apply_color(pretrain_geometry(...), color_params(...))``. The geometric half
-(crop, rotation, flip) stays on the host; ``color_params`` draws every random quantity of the
-colour half into a ``[NUM_COLOR_PARAMS]`` float32 vector (layout: the ``PARAM_*`` indices), and
-``apply_color`` here or ``augment_device.apply_color`` (JAX) applies it.
+(crop, rotation, flip) is here and stays on the host; the colour half (jitter, grayscale, blur,
+and ``color_params`` / ``apply_color`` with their ``[NUM_COLOR_PARAMS]`` parameter vector) is in
+``augment_color``, together with the seed, random-apply and argument-check helpers both halves
+share.
 
-Choices where SimCLR leaves freedom (documented here once):
+Choices where SimCLR leaves freedom in the geometric half (the colour half's are in
+``augment_color``):
 - The bicubic resize overshoots [0, 1]; we clip right after it so colour ops see valid pixels.
-- Gaussian blur pads with REFLECT (SimCLR uses zero SAME padding, which darkens borders);
-  reflect keeps a constant image constant.
 - Rotation uses ``ImageProjectiveTransformV3`` with BILINEAR interpolation and REFLECT fill, so
   rotated views have no black corners that would leak the rotation angle.
-- Contrast/saturation lower bounds are clamped at 0 like brightness (matters only for
-  colour strength > 1.25); the hue delta is capped at 0.5 (a full turn of the hue circle).
 """
 
 from __future__ import annotations
@@ -33,29 +31,27 @@ from typing import Any
 
 import tensorflow as tf
 
-# Sub-seed slots (fixed so that disabling one stage leaves the others' draws unchanged).
-_CROP, _FLIP, _JITTER_APPLY, _JITTER, _GRAY, _BLUR_APPLY, _BLUR_SIGMA, _ROTATE = range(8)
-_NUM_SLOTS = 8
+from medssl_jax.augment_color import (
+    _CROP,
+    _FLIP,
+    _JITTER,
+    _JITTER_APPLY,
+    _NUM_SLOTS,
+    _ROTATE,
+    _check_image_size,
+    _check_prob,
+    _check_strength,
+    _color_jitter_strength,
+    _prepare_seed,
+    _random_apply,
+    apply_color,
+    color_params,
+)
 
 _CROP_AREA_RANGE = (0.08, 1.0)
 _CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_MIN_OBJECT_COVERED = 0.1
 _CROP_MAX_ATTEMPTS = 100
-_BLUR_SIGMA_RANGE = (0.1, 2.0)
-
-# Layout of the colour parameter vector (float32 [NUM_COLOR_PARAMS]) that ``color_params`` draws
-# and ``apply_color`` (TF here, JAX in augment_device) consumes. Flags are 0.0 / 1.0.
-PARAM_JITTER = 0  # colour jitter applied
-PARAM_BRIGHTNESS = 1  # brightness factor (multiplicative; 1 = no-op)
-PARAM_CONTRAST = 2  # contrast factor (1 = no-op)
-PARAM_SATURATION = 3  # saturation factor (1 = no-op)
-PARAM_HUE = 4  # hue delta in turns, in [-0.5, 0.5] (0 = no-op)
-PARAM_ORDER = 5  # 4 slots [5, 9): jitter op order, a permutation of 0..3 (see _jitter_order)
-PARAM_GRAY = 9  # grayscale applied
-PARAM_BLUR = 10  # Gaussian blur applied
-PARAM_SIGMA = 11  # blur sigma (drawn even when blur is off; unused then)
-NUM_COLOR_PARAMS = 12
-_NEUTRAL_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue delta
 
 # pretrain_view keywords of each half (see split_view_kwargs).
 _GEOMETRY_KEYS = ("rotation_degrees", "flip", "area_range")
@@ -86,40 +82,11 @@ _RECIPES: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_image_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    return image_size
-
-
-def _check_prob(name: str, p: float) -> float:
-    if not (0.0 <= float(p) <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1], got {p!r}")
-    return float(p)
-
-
-def _check_strength(color_strength: float) -> float:
-    s = float(color_strength)
-    if not math.isfinite(s) or s < 0.0:
-        raise ValueError(f"color_strength must be finite and >= 0, got {color_strength!r}")
-    return s
-
-
 def _check_degrees(rotation_degrees: float) -> float:
     r = float(rotation_degrees)
     if not (0.0 <= r <= 180.0):
         raise ValueError(f"rotation_degrees must be in [0, 180], got {rotation_degrees!r}")
     return r
-
-
-def _prepare_seed(seed: Any) -> tf.Tensor:
-    """Converts ``seed`` to a ``[2]`` int32/int64 tensor, raising early on a bad dtype/shape."""
-    seed = tf.convert_to_tensor(seed)
-    if seed.dtype not in (tf.int32, tf.int64):
-        raise ValueError(f"seed must be an int32 or int64 tensor of shape [2], got {seed.dtype}")
-    if seed.shape.rank is not None and seed.shape.as_list() != [2]:
-        raise ValueError(f"seed must have shape [2], got {seed.shape}")
-    return tf.ensure_shape(seed, [2])
 
 
 def to_float_image(image: Any) -> tf.Tensor:
@@ -140,26 +107,6 @@ def to_float_image(image: Any) -> tf.Tensor:
     if channels == 1:
         image = tf.tile(image, [1, 1, 3])
     return tf.ensure_shape(image, [None, None, 3])
-
-
-def _random_decision(p: float, seed: tf.Tensor) -> tf.Tensor:
-    """The float32 0/1 decision ``_random_apply`` takes: p >= 1 and p <= 0 draw nothing."""
-    if p <= 0.0:
-        return tf.constant(0.0, tf.float32)
-    if p >= 1.0:
-        return tf.constant(1.0, tf.float32)
-    u = tf.random.stateless_uniform([], seed=seed, dtype=tf.float32)
-    return tf.cast(u < p, tf.float32)
-
-
-def _random_apply(fn, p: float, seed: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """Returns ``fn(x)`` with probability ``p`` (drawn from ``seed``), else ``x``."""
-    if p <= 0.0:
-        return x
-    if p >= 1.0:
-        return fn(x)
-    u = tf.random.stateless_uniform([], seed=seed, dtype=tf.float32)
-    return tf.cond(u < p, lambda: fn(x), lambda: x)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -247,130 +194,6 @@ def rotate(image: tf.Tensor, angle: tf.Tensor | float, fill_mode: str = "REFLECT
     return out[0]
 
 
-# ----------------------------------------------------------------------------- colour
-
-
-def to_grayscale(image: tf.Tensor) -> tf.Tensor:
-    """ITU-R 601 luma replicated to 3 channels: ``[H, W, 3] -> [H, W, 3]``."""
-    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
-
-
-def _jitter_order(seed: tf.Tensor) -> tf.Tensor:
-    """Random permutation of the 4 jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
-    return tf.argsort(tf.random.stateless_uniform([4], seed=seed))
-
-
-def _jitter_factors(
-    seed: tf.Tensor, *, brightness: float, contrast: float, saturation: float, hue: float
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Draws the jitter factors (float32 ``[4]``: brightness, contrast, saturation factors, hue
-    delta; the neutral 1, 1, 1, 0 for an op of strength 0) and the op order (int32 ``[4]``)."""
-    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=5)  # [5, 2]
-    ranges = [
-        (max(1.0 - brightness, 0.0), 1.0 + brightness) if brightness > 0 else None,
-        (max(1.0 - contrast, 0.0), 1.0 + contrast) if contrast > 0 else None,
-        (max(1.0 - saturation, 0.0), 1.0 + saturation) if saturation > 0 else None,
-        (-min(hue, 0.5), min(hue, 0.5)) if hue > 0 else None,
-    ]
-    factors = [
-        tf.constant(neutral, tf.float32)
-        if rng is None
-        else tf.random.stateless_uniform([], seed=seeds[i], minval=rng[0], maxval=rng[1])
-        for i, (rng, neutral) in enumerate(zip(ranges, _NEUTRAL_JITTER, strict=True))
-    ]
-    return tf.stack(factors), _jitter_order(seeds[4])
-
-
-def _apply_jitter(
-    image: tf.Tensor,
-    factors: tf.Tensor,
-    order: tf.Tensor,
-    enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
-) -> tf.Tensor:
-    """Applies the 4 jitter ops (``factors`` [4] float32) in ``order`` ([4] int32), clipping to
-    [0, 1] after each; an op that is not ``enabled`` is the identity (then only clipped)."""
-    ops = [
-        lambda x: x * factors[0],
-        lambda x: tf.image.adjust_contrast(x, factors[1]),
-        lambda x: tf.image.adjust_saturation(x, factors[2]),
-        lambda x: tf.image.adjust_hue(x, factors[3]),
-    ]
-    ops = [f if on else (lambda x: x) for f, on in zip(ops, enabled, strict=True)]
-    for i in range(4):
-        image = tf.switch_case(order[i], [lambda f=f, x=image: f(x) for f in ops])
-        image = tf.clip_by_value(image, 0.0, 1.0)
-    return image
-
-
-def color_jitter(
-    image: tf.Tensor,
-    seed: tf.Tensor,
-    *,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-) -> tf.Tensor:
-    """SimCLR(v2) colour jitter in a random per-example order, clipping to [0, 1] after each op.
-
-    Factors: brightness multiplicative U[max(1-b, 0), 1+b]; contrast U[max(1-c, 0), 1+c];
-    saturation U[max(1-s, 0), 1+s]; hue delta U[-h, h] (h capped at 0.5). A zero strength
-    leaves that op out (as SimCLR does).
-    """
-    strengths = (brightness, contrast, saturation, hue)
-    factors, order = _jitter_factors(
-        seed, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue
-    )
-    return _apply_jitter(image, factors, order, enabled=tuple(v > 0 for v in strengths))
-
-
-def _jitter_strengths(strength: float) -> dict[str, float]:
-    return dict(
-        brightness=0.8 * strength,
-        contrast=0.8 * strength,
-        saturation=0.8 * strength,
-        hue=0.2 * strength,
-    )
-
-
-def _color_jitter_strength(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
-    return color_jitter(image, seed, **_jitter_strengths(strength))
-
-
-# ----------------------------------------------------------------------------- blur
-
-
-def blur_kernel_size(image_size: int) -> int:
-    """SimCLR kernel size for ``image_size``: ``image_size // 10`` made odd (2*(k//2)+1)."""
-    return 2 * ((image_size // 10) // 2) + 1
-
-
-def gaussian_kernel_1d(kernel_size: int, sigma: tf.Tensor | float) -> tf.Tensor:
-    """Normalised 1-D Gaussian ``[kernel_size]`` (odd size) with std ``sigma``; sums to 1."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
-    radius = kernel_size // 2
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    sigma = tf.cast(sigma, tf.float32)
-    k = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
-    return k / tf.reduce_sum(k)
-
-
-def gaussian_blur(image: tf.Tensor, kernel_size: int, sigma: tf.Tensor | float) -> tf.Tensor:
-    """Separable depthwise Gaussian blur of ``[H, W, 3]`` with REFLECT padding (same shape)."""
-    radius = kernel_size // 2
-    if radius == 0:
-        return image
-    k = gaussian_kernel_1d(kernel_size, sigma)
-    channels = 3
-    k_h = tf.tile(tf.reshape(k, [1, kernel_size, 1, 1]), [1, 1, channels, 1])
-    k_v = tf.tile(tf.reshape(k, [kernel_size, 1, 1, 1]), [1, 1, channels, 1])
-    x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
-    x = tf.nn.depthwise_conv2d(x, k_h, strides=[1, 1, 1, 1], padding="VALID")
-    x = tf.nn.depthwise_conv2d(x, k_v, strides=[1, 1, 1, 1], padding="VALID")
-    return x[0]
-
-
 # ----------------------------------------------------------------------------- public views
 
 
@@ -405,70 +228,6 @@ def pretrain_geometry(
     x = _random_rotate(x, seeds[_ROTATE], rotation_degrees)
     if flip:
         x = tf.image.stateless_random_flip_left_right(x, seeds[_FLIP])
-    return tf.ensure_shape(x, [image_size, image_size, 3])
-
-
-def color_params(
-    seed: Any,
-    *,
-    color_strength: float = 1.0,
-    blur: bool = True,
-    grayscale_prob: float = 0.2,
-    color_jitter_prob: float = 0.8,
-) -> tf.Tensor:
-    """Every random quantity of ``pretrain_view``'s colour half for ``seed`` ([2] int), as a
-    float32 ``[NUM_COLOR_PARAMS]`` vector (layout: ``PARAM_*``), so the colour ops can run
-    elsewhere (``augment_device.apply_color``). Draws from the same sub-seeds and with the same
-    ops as ``pretrain_view`` always has, so the random stream is unchanged.
-    """
-    color_strength = _check_strength(color_strength)
-    grayscale_prob = _check_prob("grayscale_prob", grayscale_prob)
-    color_jitter_prob = _check_prob("color_jitter_prob", color_jitter_prob)
-    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=_NUM_SLOTS)
-
-    if color_strength > 0:
-        jitter_on = _random_decision(color_jitter_prob, seeds[_JITTER_APPLY])
-    else:
-        jitter_on = tf.constant(0.0, tf.float32)
-    factors, order = _jitter_factors(seeds[_JITTER], **_jitter_strengths(color_strength))
-    gray_on = _random_decision(grayscale_prob, seeds[_GRAY])
-    blur_on = _random_decision(0.5 if blur else 0.0, seeds[_BLUR_APPLY])
-    sigma = tf.random.stateless_uniform(
-        [], seed=seeds[_BLUR_SIGMA], minval=_BLUR_SIGMA_RANGE[0], maxval=_BLUR_SIGMA_RANGE[1]
-    )
-    params = tf.concat(
-        [
-            jitter_on[None],
-            factors,
-            tf.cast(order, tf.float32),
-            tf.stack([gray_on, blur_on, sigma]),
-        ],
-        axis=0,
-    )
-    return tf.ensure_shape(params, [NUM_COLOR_PARAMS])
-
-
-def apply_color(image: Any, params: Any, *, image_size: int, blur: bool) -> tf.Tensor:
-    """Colour half of ``pretrain_view`` driven by ``params`` (from ``color_params``): jitter in
-    the given order if flagged, grayscale if flagged, Gaussian blur if ``blur`` and flagged,
-    clip. ``image`` float32 [image_size, image_size, 3] in [0, 1] -> same shape in [0, 1].
-    """
-    image_size = _check_image_size(image_size)
-    params = tf.ensure_shape(tf.convert_to_tensor(params, tf.float32), [NUM_COLOR_PARAMS])
-    x = tf.ensure_shape(tf.convert_to_tensor(image, tf.float32), [image_size, image_size, 3])
-
-    factors = params[PARAM_BRIGHTNESS : PARAM_HUE + 1]  # [4]
-    order = tf.cast(params[PARAM_ORDER : PARAM_ORDER + 4], tf.int32)  # [4]
-    x = tf.cond(params[PARAM_JITTER] > 0.5, lambda: _apply_jitter(x, factors, order), lambda: x)
-    x = tf.cond(params[PARAM_GRAY] > 0.5, lambda: to_grayscale(x), lambda: x)
-    if blur:
-        ksize = blur_kernel_size(image_size)
-        x = tf.cond(
-            params[PARAM_BLUR] > 0.5,
-            lambda: gaussian_blur(x, ksize, params[PARAM_SIGMA]),
-            lambda: x,
-        )
-    x = tf.clip_by_value(x, 0.0, 1.0)
     return tf.ensure_shape(x, [image_size, image_size, 3])
 
 

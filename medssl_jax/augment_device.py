@@ -1,12 +1,13 @@
 """Colour half of the SimCLR pretraining view in JAX, to run inside the train step on the device.
 
-The host runs ``augment.pretrain_geometry`` (crop, rotation, flip) and ``augment.color_params``
-and ships uint8 images plus a float32 ``[NUM_COLOR_PARAMS]`` vector per view; ``apply_color``
-here then does what ``augment.apply_color`` does in TF, so hosts with few cores per accelerator
-keep up. The maths follows TF's CPU kernels (AdjustContrastv2, AdjustSaturation, AdjustHue,
-``rgb_to_grayscale``) op for op, so the two agree to float rounding (see
-tests/test_augment_device.py). Everything is float32, jit-able, and broadcasts over any leading
-batch dims (e.g. ``[B, V, S, S, 3]`` images with ``[B, V, NUM_COLOR_PARAMS]`` params).
+The host runs ``augment.pretrain_geometry`` (crop, rotation, flip) and
+``augment_color.color_params`` and ships uint8 images plus a float32 ``[NUM_COLOR_PARAMS]``
+vector per view; ``apply_color`` here then does what ``augment_color.apply_color`` does in TF,
+so hosts with few cores per accelerator keep up. The maths follows TF's CPU kernels
+(AdjustContrastv2, AdjustSaturation, AdjustHue, ``rgb_to_grayscale``) op for op, so the two
+agree to float rounding (see tests/test_augment_device.py). Everything is float32, jit-able,
+and broadcasts over any leading batch dims (e.g. ``[B, V, S, S, 3]`` images with
+``[B, V, NUM_COLOR_PARAMS]`` params).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medssl_jax.augment import (
+from medssl_jax.augment_color import (
     NUM_COLOR_PARAMS,
     PARAM_BLUR,
     PARAM_BRIGHTNESS,
@@ -177,7 +178,7 @@ def _grayscale(x: jax.Array) -> jax.Array:
 
 def _gaussian_blur(x: jax.Array, kernel_size: int, sigma: jax.Array) -> jax.Array:
     """Separable Gaussian blur with REFLECT padding, per-example ``sigma`` [...]; as
-    ``augment.gaussian_blur`` (horizontal pass, then vertical)."""
+    ``augment_color.gaussian_blur`` (horizontal pass, then vertical)."""
     radius = kernel_size // 2
     if radius == 0:
         return x
@@ -197,9 +198,9 @@ def _gaussian_blur(x: jax.Array, kernel_size: int, sigma: jax.Array) -> jax.Arra
 
 
 def apply_color(images: jax.Array, params: jax.Array, *, image_size: int, blur: bool) -> jax.Array:
-    """JAX twin of ``augment.apply_color``: jitter (in the given order) where flagged, grayscale
-    where flagged, Gaussian blur (kernel ``blur_kernel_size(image_size)``) where ``blur`` and
-    flagged, final clip. images float32 [..., S, S, 3] in [0, 1]; params float32
+    """JAX twin of ``augment_color.apply_color``: jitter (in the given order) where flagged,
+    grayscale where flagged, Gaussian blur (kernel ``blur_kernel_size(image_size)``) where
+    ``blur`` and flagged, final clip. images float32 [..., S, S, 3] in [0, 1]; params float32
     [..., NUM_COLOR_PARAMS] with the same leading dims; returns float32 [..., S, S, 3].
     """
     images = jnp.asarray(images, _F32)

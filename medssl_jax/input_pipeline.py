@@ -16,7 +16,7 @@ uint8 (4x fewer bytes to the accelerator than float32; the step converts them):
   'patient_key' int32 [B], 'distinct' float32 [B] (1 = the views come from two images),
   'case_index' int64 [B] and 'pair' int32 [B, 2] (which images of the case; for tests/debug).
   With `color_on_device` the views are only cropped/rotated/flipped here and 'color_params'
-  float32 [B, 2 + N, augment.NUM_COLOR_PARAMS] carries each view's colour/blur draws for
+  float32 [B, 2 + N, augment_color.NUM_COLOR_PARAMS] carries each view's colour/blur draws for
   `augment_device.device_views`.
   fine-tuning / evaluation: 'image' uint8 [B, S, S, 3].
 """
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from medssl_jax import augment, datasets
+from medssl_jax import augment, augment_color, datasets
 from medssl_jax.case_store import CaseStore
 from medssl_jax.methods.base import Views
 from medssl_jax.schedule import Schedule, _rng
@@ -193,7 +193,7 @@ def pretrain_dataset(
                         img, seeds[i], image_size=c.size, area_range=c.area_range, **view_kwargs
                     )
                 )
-            params.append(augment.color_params(seeds[i], **color_kwargs))
+            params.append(augment_color.color_params(seeds[i], **color_kwargs))
             x = augment.pretrain_geometry(
                 img, seeds[i], image_size=c.size, area_range=c.area_range, **geometry_kwargs
             )

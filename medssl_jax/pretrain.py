@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from medssl_jax import (
-    augment,
+    augment_color,
     augment_device,
     config_lib,
     datasets,
@@ -136,7 +136,7 @@ def build(
         )
     if color_on_device(config):
         abstract_batch["color_params"] = jax.ShapeDtypeStruct(
-            (b, 2 + views.num_local, augment.NUM_COLOR_PARAMS), jnp.float32, sharding=data_sh
+            (b, 2 + views.num_local, augment_color.NUM_COLOR_PARAMS), jnp.float32, sharding=data_sh
         )
     return compile_train(
         parts.model,

@@ -1,4 +1,5 @@
-"""Tests for medssl_jax.augment: determinism, geometry, colour ranges, blur, rotation, tf.data."""
+"""Tests for medssl_jax.augment and augment_color: determinism, geometry, colour ranges, blur,
+rotation, tf.data."""
 
 import math
 
@@ -8,6 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from medssl_jax import augment as A
+from medssl_jax import augment_color as C
 
 S = 32  # output size used by most tests (blur kernel 3)
 NO_COLOR = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur=False)
@@ -227,11 +229,11 @@ def test_contrast_and_saturation_and_hue_ranges():
     hsv_in = tf.image.rgb_to_hsv(img).numpy()
     con, sat, hue = [], [], []
     for i in range(40):
-        out = A.color_jitter(img, _seed(i), brightness=0, contrast=c, saturation=0, hue=0).numpy()
+        out = C.color_jitter(img, _seed(i), brightness=0, contrast=c, saturation=0, hue=0).numpy()
         con.append(((out - mean) / (img - mean)).mean())
-        out = A.color_jitter(img, _seed(i), brightness=0, contrast=0, saturation=c, hue=0)
+        out = C.color_jitter(img, _seed(i), brightness=0, contrast=0, saturation=c, hue=0)
         sat.append((tf.image.rgb_to_hsv(out).numpy()[..., 1] / hsv_in[..., 1]).mean())
-        out = A.color_jitter(img, _seed(i), brightness=0, contrast=0, saturation=0, hue=0.1)
+        out = C.color_jitter(img, _seed(i), brightness=0, contrast=0, saturation=0, hue=0.1)
         d = tf.image.rgb_to_hsv(out).numpy()[..., 0] - hsv_in[..., 0]
         hue.append(((d + 0.5) % 1.0 - 0.5).mean())
     for vals, lo, hi in [(con, 1 - c, 1 + c), (sat, 1 - c, 1 + c), (hue, -0.1, 0.1)]:
@@ -241,7 +243,7 @@ def test_contrast_and_saturation_and_hue_ranges():
 
 
 def test_jitter_order_is_random_permutation():
-    orders = {tuple(A._jitter_order(_seed(i)).numpy()) for i in range(40)}
+    orders = {tuple(C._jitter_order(_seed(i)).numpy()) for i in range(40)}
     assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
     assert len(orders) > 5
 
@@ -250,7 +252,7 @@ def test_grayscale_equal_channels(rgb_u8):
     out = A.pretrain_view(rgb_u8, _seed(1), image_size=S, grayscale_prob=1.0).numpy()
     np.testing.assert_array_equal(out[..., 0], out[..., 1])
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
-    g = A.to_grayscale(tf.constant([[[1.0, 0.0, 0.0]]])).numpy()
+    g = C.to_grayscale(tf.constant([[[1.0, 0.0, 0.0]]])).numpy()
     np.testing.assert_allclose(g, 0.2989, atol=1e-3)
 
 
@@ -264,25 +266,25 @@ def test_color_jitter_probability_zero_and_grayscale_zero_keep_colours(rgb_u8):
 
 
 def test_blur_kernel_and_constant_image():
-    assert [A.blur_kernel_size(n) for n in (224, 32, 16, 448, 210)] == [23, 3, 1, 45, 21]
+    assert [C.blur_kernel_size(n) for n in (224, 32, 16, 448, 210)] == [23, 3, 1, 45, 21]
     for sigma in (0.1, 1.0, 2.0):
-        k = A.gaussian_kernel_1d(23, sigma).numpy()
+        k = C.gaussian_kernel_1d(23, sigma).numpy()
         assert abs(k.sum() - 1) < 1e-6
         np.testing.assert_allclose(k, k[::-1], rtol=1e-6)
         x = np.arange(-11, 12)
         ref = np.exp(-(x**2) / (2 * sigma**2))
         np.testing.assert_allclose(k, ref / ref.sum(), rtol=1e-5, atol=1e-7)
     const = np.full((32, 32, 3), 0.3, np.float32)
-    np.testing.assert_allclose(A.gaussian_blur(const, 23, 1.5).numpy(), 0.3, atol=1e-6)
+    np.testing.assert_allclose(C.gaussian_blur(const, 23, 1.5).numpy(), 0.3, atol=1e-6)
 
 
 def test_blur_matches_numpy_reflect_reference():
     img = np.random.default_rng(3).random((20, 24, 3)).astype(np.float32)
-    k = A.gaussian_kernel_1d(5, 1.2).numpy()
+    k = C.gaussian_kernel_1d(5, 1.2).numpy()
     pad = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="reflect")
     h = sum(k[i] * pad[:, i : i + 24] for i in range(5))
     ref = sum(k[i] * h[i : i + 20] for i in range(5))
-    np.testing.assert_allclose(A.gaussian_blur(img, 5, 1.2).numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(C.gaussian_blur(img, 5, 1.2).numpy(), ref, atol=1e-5)
 
 
 def test_blur_applied_about_half_the_time(rgb_u8):

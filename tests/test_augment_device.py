@@ -1,6 +1,6 @@
 """Tests for the host/device split of the pretraining view: augment.pretrain_geometry +
-color_params + apply_color (TF) reproduce the pre-split pretrain_view bit for bit, and
-augment_device.apply_color (JAX) matches the TF colour half op for op."""
+augment_color.color_params + apply_color (TF) reproduce the pre-split pretrain_view bit for bit,
+and augment_device.apply_color (JAX) matches the TF colour half op for op."""
 
 from functools import partial
 
@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from medssl_jax import augment as A
+from medssl_jax import augment_color as C
 from medssl_jax import augment_device as D
 
 S = 32  # blur kernel 3
@@ -71,16 +72,16 @@ def _params(
     blur=0.0,
     sigma=1.0,
 ) -> np.ndarray:
-    p = np.zeros([A.NUM_COLOR_PARAMS], np.float32)
-    p[A.PARAM_JITTER] = jitter
-    p[[A.PARAM_BRIGHTNESS, A.PARAM_CONTRAST, A.PARAM_SATURATION, A.PARAM_HUE]] = factors
-    p[A.PARAM_ORDER : A.PARAM_ORDER + 4] = order
-    p[[A.PARAM_GRAY, A.PARAM_BLUR, A.PARAM_SIGMA]] = gray, blur, sigma
+    p = np.zeros([C.NUM_COLOR_PARAMS], np.float32)
+    p[C.PARAM_JITTER] = jitter
+    p[[C.PARAM_BRIGHTNESS, C.PARAM_CONTRAST, C.PARAM_SATURATION, C.PARAM_HUE]] = factors
+    p[C.PARAM_ORDER : C.PARAM_ORDER + 4] = order
+    p[[C.PARAM_GRAY, C.PARAM_BLUR, C.PARAM_SIGMA]] = gray, blur, sigma
     return p
 
 
 def _both(jax_color, img, params, blur=True):
-    tf_out = A.apply_color(img, params, image_size=S, blur=blur).numpy()
+    tf_out = C.apply_color(img, params, image_size=S, blur=blur).numpy()
     jax_out = np.asarray(jax_color[blur](img, np.asarray(params)))
     return tf_out, jax_out
 
@@ -89,8 +90,8 @@ def _both(jax_color, img, params, blur=True):
 
 
 def _old_color_jitter(image, seed, *, brightness, contrast, saturation, hue):
-    """augment.color_jitter as it was before the split (verbatim apart from names)."""
-    seeds = tf.random.experimental.stateless_split(A._prepare_seed(seed), num=5)
+    """augment_color.color_jitter as it was before the split (verbatim apart from names)."""
+    seeds = tf.random.experimental.stateless_split(C._prepare_seed(seed), num=5)
 
     def _uniform(i, lo, hi):
         return tf.random.stateless_uniform([], seed=seeds[i], minval=lo, maxval=hi)
@@ -118,7 +119,7 @@ def _old_color_jitter(image, seed, *, brightness, contrast, saturation, hue):
         return tf.image.adjust_hue(x, _uniform(3, -h, h))
 
     ops = [_brightness, _contrast, _saturation, _hue]
-    order = A._jitter_order(seeds[4])
+    order = C._jitter_order(seeds[4])
     for i in range(4):
         image = tf.switch_case(order[i], [lambda f=f, x=image: f(x) for f in ops])
         image = tf.clip_by_value(image, 0.0, 1.0)
@@ -139,30 +140,30 @@ def _old_pretrain_view(
     area_range=A._CROP_AREA_RANGE,
 ):
     """augment.pretrain_view as it was before the split (validation left out)."""
-    seeds = tf.random.experimental.stateless_split(A._prepare_seed(seed), num=A._NUM_SLOTS)
+    seeds = tf.random.experimental.stateless_split(C._prepare_seed(seed), num=C._NUM_SLOTS)
     x = A.to_float_image(image)
-    x = A.random_crop_and_resize(x, seeds[A._CROP], image_size, area_range)
+    x = A.random_crop_and_resize(x, seeds[C._CROP], image_size, area_range)
     x = tf.clip_by_value(x, 0.0, 1.0)
-    x = A._random_rotate(x, seeds[A._ROTATE], rotation_degrees)
+    x = A._random_rotate(x, seeds[C._ROTATE], rotation_degrees)
     if flip:
-        x = tf.image.stateless_random_flip_left_right(x, seeds[A._FLIP])
+        x = tf.image.stateless_random_flip_left_right(x, seeds[C._FLIP])
     if color_strength > 0:
         s = color_strength
         jitter = lambda y: _old_color_jitter(  # noqa: E731
             y,
-            seeds[A._JITTER],
+            seeds[C._JITTER],
             brightness=0.8 * s,
             contrast=0.8 * s,
             saturation=0.8 * s,
             hue=0.2 * s,
         )
-        x = A._random_apply(jitter, color_jitter_prob, seeds[A._JITTER_APPLY], x)
-    x = A._random_apply(A.to_grayscale, grayscale_prob, seeds[A._GRAY], x)
+        x = C._random_apply(jitter, color_jitter_prob, seeds[C._JITTER_APPLY], x)
+    x = C._random_apply(C.to_grayscale, grayscale_prob, seeds[C._GRAY], x)
     if blur:
-        ksize = A.blur_kernel_size(image_size)
-        sigma = tf.random.stateless_uniform([], seed=seeds[A._BLUR_SIGMA], minval=0.1, maxval=2.0)
-        x = A._random_apply(
-            lambda y: A.gaussian_blur(y, ksize, sigma), 0.5, seeds[A._BLUR_APPLY], x
+        ksize = C.blur_kernel_size(image_size)
+        sigma = tf.random.stateless_uniform([], seed=seeds[C._BLUR_SIGMA], minval=0.1, maxval=2.0)
+        x = C._random_apply(
+            lambda y: C.gaussian_blur(y, ksize, sigma), 0.5, seeds[C._BLUR_APPLY], x
         )
     return tf.clip_by_value(x, 0.0, 1.0)
 
@@ -184,9 +185,9 @@ def test_split_view_equals_pretrain_view_and_pre_split_implementation(rgb_u8, cf
     for i in range(6):
         seed = _seed(i) if i % 2 else tf.constant([3, i], tf.int64)
         view = A.pretrain_view(rgb_u8, seed, image_size=S, **kw).numpy()
-        split = A.apply_color(
+        split = C.apply_color(
             A.pretrain_geometry(rgb_u8, seed, image_size=S, **geo),
-            A.color_params(seed, **col),
+            C.color_params(seed, **col),
             image_size=S,
             blur=col.get("blur", True),
         ).numpy()
@@ -203,7 +204,7 @@ def test_color_jitter_unchanged_by_refactor():
             dict(brightness=0.3, contrast=0.2, saturation=0.5, hue=0.1),
         ]:
             np.testing.assert_array_equal(
-                A.color_jitter(img, _seed(i), **kw).numpy(),
+                C.color_jitter(img, _seed(i), **kw).numpy(),
                 _old_color_jitter(img, _seed(i), **kw).numpy(),
             )
 
@@ -212,29 +213,29 @@ def test_color_jitter_unchanged_by_refactor():
 
 
 def test_color_params_layout_and_decisions():
-    draws = np.stack([A.color_params(_seed(i)).numpy() for i in range(40)])
-    assert draws.shape == (40, A.NUM_COLOR_PARAMS) and draws.dtype == np.float32
-    for col in (A.PARAM_JITTER, A.PARAM_GRAY, A.PARAM_BLUR):
+    draws = np.stack([C.color_params(_seed(i)).numpy() for i in range(40)])
+    assert draws.shape == (40, C.NUM_COLOR_PARAMS) and draws.dtype == np.float32
+    for col in (C.PARAM_JITTER, C.PARAM_GRAY, C.PARAM_BLUR):
         assert set(np.unique(draws[:, col])) <= {0.0, 1.0}
         assert 0 < draws[:, col].sum() < 40  # p in (0, 1): both outcomes occur
-    order = draws[:, A.PARAM_ORDER : A.PARAM_ORDER + 4]
+    order = draws[:, C.PARAM_ORDER : C.PARAM_ORDER + 4]
     assert all(sorted(o) == [0, 1, 2, 3] for o in order.tolist())
     for col, lo, hi in [
-        (A.PARAM_BRIGHTNESS, 0.2, 1.8),
-        (A.PARAM_CONTRAST, 0.2, 1.8),
-        (A.PARAM_SATURATION, 0.2, 1.8),
-        (A.PARAM_HUE, -0.2, 0.2),
-        (A.PARAM_SIGMA, 0.1, 2.0),
+        (C.PARAM_BRIGHTNESS, 0.2, 1.8),
+        (C.PARAM_CONTRAST, 0.2, 1.8),
+        (C.PARAM_SATURATION, 0.2, 1.8),
+        (C.PARAM_HUE, -0.2, 0.2),
+        (C.PARAM_SIGMA, 0.1, 2.0),
     ]:
         assert lo - 1e-6 <= draws[:, col].min() and draws[:, col].max() <= hi + 1e-6
     # p = 1 / p = 0 / blur off / no colour: fixed decisions, neutral factors without strength.
-    p = A.color_params(_seed(1), color_jitter_prob=1.0, grayscale_prob=0.0, blur=False).numpy()
-    assert p[A.PARAM_JITTER] == 1 and p[A.PARAM_GRAY] == 0 and p[A.PARAM_BLUR] == 0
-    p = A.color_params(_seed(1), color_strength=0.0, grayscale_prob=1.0).numpy()
-    assert p[A.PARAM_JITTER] == 0 and p[A.PARAM_GRAY] == 1
-    np.testing.assert_array_equal(p[A.PARAM_BRIGHTNESS : A.PARAM_HUE + 1], [1, 1, 1, 0])
+    p = C.color_params(_seed(1), color_jitter_prob=1.0, grayscale_prob=0.0, blur=False).numpy()
+    assert p[C.PARAM_JITTER] == 1 and p[C.PARAM_GRAY] == 0 and p[C.PARAM_BLUR] == 0
+    p = C.color_params(_seed(1), color_strength=0.0, grayscale_prob=1.0).numpy()
+    assert p[C.PARAM_JITTER] == 0 and p[C.PARAM_GRAY] == 1
+    np.testing.assert_array_equal(p[C.PARAM_BRIGHTNESS : C.PARAM_HUE + 1], [1, 1, 1, 0])
     with pytest.raises(ValueError, match="grayscale_prob"):
-        A.color_params(_seed(1), grayscale_prob=2.0)
+        C.color_params(_seed(1), grayscale_prob=2.0)
     with pytest.raises(ValueError, match="unknown"):
         A.split_view_kwargs(dict(blur=True, colour_strength=1.0))
 
@@ -247,7 +248,7 @@ def test_jax_matches_tf_for_drawn_params(jax_color, name):
     kw = dict(color_strength=1.5, color_jitter_prob=1.0) if name == "strong" else A.recipe(name)
     _, col = A.split_view_kwargs(kw)
     for i in range(8):
-        params = A.color_params(_seed(i, 11), **col)
+        params = C.color_params(_seed(i, 11), **col)
         tf_out, jax_out = _both(jax_color, _image(i), params, blur=col.get("blur", True))
         np.testing.assert_allclose(jax_out, tf_out, atol=ATOL, rtol=0)
 
@@ -279,7 +280,7 @@ def test_each_jitter_op_matches_tf(jax_color, op, values):
         ref = tf_op(tf.constant(img), tf.constant(v, tf.float32)).numpy()
         np.testing.assert_allclose(np.asarray(jax_op(img, np.float32(v))), ref, atol=ATOL)
         # ... and through apply_color with only this op non-neutral, first or last in order.
-        factors = list(A._NEUTRAL_JITTER)
+        factors = list(C._NEUTRAL_JITTER)
         factors[k] = v
         if op == "hue" and abs(v) > 0.5:
             continue  # apply_color's hue params stay in [-0.5, 0.5]
@@ -302,7 +303,7 @@ def test_grayscale_and_blur_match_tf(jax_color):
     img = _image(5)
     tf_out, jax_out = _both(jax_color, img, _params(gray=1))
     np.testing.assert_allclose(jax_out, tf_out, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(tf_out, np.clip(A.to_grayscale(img).numpy(), 0, 1), atol=1e-7)
+    np.testing.assert_allclose(tf_out, np.clip(C.to_grayscale(img).numpy(), 0, 1), atol=1e-7)
     for sigma in (0.1, 0.7, 2.0):
         tf_out, jax_out = _both(jax_color, img, _params(blur=1, sigma=sigma))
         np.testing.assert_allclose(jax_out, tf_out, atol=ATOL, rtol=0)
@@ -313,7 +314,7 @@ def test_grayscale_and_blur_match_tf(jax_color):
         np.testing.assert_array_equal(jax_out, img)
     # A larger kernel (image 64 -> kernel 7) with reflect padding at the borders.
     big = _image(6, size=64)
-    ref = A.apply_color(big, _params(blur=1, sigma=1.5), image_size=64, blur=True).numpy()
+    ref = C.apply_color(big, _params(blur=1, sigma=1.5), image_size=64, blur=True).numpy()
     out = D.apply_color(big, _params(blur=1, sigma=1.5), image_size=64, blur=True)
     np.testing.assert_allclose(np.asarray(out), ref, atol=ATOL, rtol=0)
 
@@ -337,7 +338,7 @@ def test_jit_with_batch_and_view_dims(rgb_u8):
             for row in seeds
         ]
     )  # [B, V, S, S, 3] uint8
-    params = np.stack([np.stack([A.color_params(s, **col).numpy() for s in row]) for row in seeds])
+    params = np.stack([np.stack([C.color_params(s, **col).numpy() for s in row]) for row in seeds])
     fn = jax.jit(lambda x, p: D.apply_color(D.to_float(x), p, image_size=S, blur=True))
     out = np.asarray(fn(u8, params))
     assert out.shape == (b, v, S, S, 3) and out.dtype == np.float32
@@ -345,7 +346,7 @@ def test_jit_with_batch_and_view_dims(rgb_u8):
         for j in range(v):
             x = tf.image.convert_image_dtype(u8[i, j], tf.float32)
             np.testing.assert_array_equal(np.asarray(D.to_float(u8[i, j])), x.numpy())
-            ref = A.apply_color(x, params[i, j], image_size=S, blur=True).numpy()
+            ref = C.apply_color(x, params[i, j], image_size=S, blur=True).numpy()
             np.testing.assert_allclose(out[i, j], ref, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="params must have shape"):
         D.apply_color(out, params[:1], image_size=S, blur=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medssl_jax import augment, augment_device, case_store, datasets, input_pipeline
+from medssl_jax import augment, augment_color, augment_device, case_store, datasets, input_pipeline
 from medssl_jax.methods.base import Crops, Views
 from medssl_jax.schedule import Schedule
 
@@ -142,7 +142,7 @@ def test_colour_on_the_device_equals_colour_on_the_host(demo_dir):
         input_pipeline.pretrain_dataset(store, color_on_device=True, **kw)[0].as_numpy_iterator()
     )
     assert host["views"].dtype == dev["views"].dtype == np.uint8
-    assert dev["color_params"].shape == (8, 4, augment.NUM_COLOR_PARAMS)
+    assert dev["color_params"].shape == (8, 4, augment_color.NUM_COLOR_PARAMS)
     assert "color_params" not in host
     out = jax.jit(lambda b: augment_device.device_views(b, blur=True))(
         {k: dev[k] for k in ("views", "local_views", "color_params")}
