@@ -122,71 +122,78 @@ def fit(
     # split a long run into Colab- or queue-sized pieces.
     stop_after = int(config.get("stop_after_steps", 0))
 
-    with ckpt_lib.PreemptionGuard() as guard:
-        while step < total_steps:
-            batch = next(batches)
-            batch = sharding.to_global({k: batch[k] for k in batch_keys}, mesh)
-            t0 = time.time()
-            state, metrics = train_step(state, batch)
-            if compile_time is None:
-                jax.block_until_ready(metrics)
-                compile_time = time.time() - t0
-                logging.info("First step (compile + run) took %.1f s", compile_time)
-            if prev_metrics is not None:
-                skips_in_row = _check_finite(
-                    prev_metrics, step - 1, checkpointer, summary, skips_in_row, max_skips
-                )
-            prev_metrics = metrics
-            step += 1
-            history.append(metrics)
-            steps_in_window += 1
-            report(step)
-            if after_step is not None:
-                after_step(step, state)
-            if step % log_every == 0 or step == total_steps:
-                last = _mean_metrics(history)
-                dt = max(time.time() - t_log, 1e-9)
-                last["images_per_sec"] = steps_in_window * images_per_step / dt
-                last["images_per_sec_per_device"] = last["images_per_sec"] / mesh.devices.size
-                last["steps_per_sec"] = steps_in_window / dt
-                if epoch_of_step is not None:
-                    last["epoch"] = epoch_of_step(step)
-                writer.write_scalars(step, last)
-                summary.setdefault("first_metrics", dict(last, step=step))
-                eta = (total_steps - step) / max(last["steps_per_sec"], 1e-9)
-                logging.info(
-                    "step %d/%d  loss %.4f  %.1f img/s  ETA %s",
-                    step,
-                    total_steps,
-                    last.get("loss", math.nan),
-                    last["images_per_sec"],
-                    _fmt_seconds(eta),
-                )
-                history, steps_in_window, t_log = [], 0, time.time()
-                warning = check_collapse(last) if check_collapse is not None else None
-                if warning:
-                    logging.warning("step %d: possible collapse: %s", step, warning)
-                    summary.setdefault("collapse_warnings", []).append(f"step {step}: {warning}")
-            preempted = guard.requested()
-            stop = preempted or (stop_after > 0 and step - start_step >= stop_after)
-            if stop or step == total_steps or step % int(config.checkpoint_every_steps) == 0:
-                jax.block_until_ready(metrics)
-                skips_in_row = _check_finite(
-                    metrics, step - 1, checkpointer, summary, skips_in_row, max_skips
-                )
-                prev_metrics = None  # checked
-                if not ckpt_lib.all_finite(state):  # the loss can be finite a step too long
-                    _diverged(f"the train state became non-finite by step {step}", checkpointer)
-                meta.update(step=step, epoch=epoch_of_step(step) if epoch_of_step else None)
-                checkpointer.save(step, state, meta, force=stop or step == total_steps)
-            if stop:
-                summary["stop_reason"] = "preempted" if preempted else "stop_after_steps"
-                logging.warning(
-                    "Stopped (%s) at step %d; checkpoint saved, rerun to resume.",
-                    summary["stop_reason"],
-                    step,
-                )
-                break
+    try:
+        with ckpt_lib.PreemptionGuard() as guard:
+            while step < total_steps:
+                batch = next(batches)
+                batch = sharding.to_global({k: batch[k] for k in batch_keys}, mesh)
+                t0 = time.time()
+                state, metrics = train_step(state, batch)
+                if compile_time is None:
+                    jax.block_until_ready(metrics)
+                    compile_time = time.time() - t0
+                    logging.info("First step (compile + run) took %.1f s", compile_time)
+                if prev_metrics is not None:
+                    skips_in_row = _check_finite(
+                        prev_metrics, step - 1, checkpointer, summary, skips_in_row, max_skips
+                    )
+                prev_metrics = metrics
+                step += 1
+                history.append(metrics)
+                steps_in_window += 1
+                report(step)
+                if after_step is not None:
+                    after_step(step, state)
+                if step % log_every == 0 or step == total_steps:
+                    last = _mean_metrics(history)
+                    dt = max(time.time() - t_log, 1e-9)
+                    last["images_per_sec"] = steps_in_window * images_per_step / dt
+                    last["images_per_sec_per_device"] = last["images_per_sec"] / mesh.devices.size
+                    last["steps_per_sec"] = steps_in_window / dt
+                    if epoch_of_step is not None:
+                        last["epoch"] = epoch_of_step(step)
+                    writer.write_scalars(step, last)
+                    summary.setdefault("first_metrics", dict(last, step=step))
+                    eta = (total_steps - step) / max(last["steps_per_sec"], 1e-9)
+                    logging.info(
+                        "step %d/%d  loss %.4f  %.1f img/s  ETA %s",
+                        step,
+                        total_steps,
+                        last.get("loss", math.nan),
+                        last["images_per_sec"],
+                        _fmt_seconds(eta),
+                    )
+                    history, steps_in_window, t_log = [], 0, time.time()
+                    warning = check_collapse(last) if check_collapse is not None else None
+                    if warning:
+                        logging.warning("step %d: possible collapse: %s", step, warning)
+                        summary.setdefault("collapse_warnings", []).append(
+                            f"step {step}: {warning}"
+                        )
+                preempted = guard.requested()
+                stop = preempted or (stop_after > 0 and step - start_step >= stop_after)
+                if stop or step == total_steps or step % int(config.checkpoint_every_steps) == 0:
+                    jax.block_until_ready(metrics)
+                    skips_in_row = _check_finite(
+                        metrics, step - 1, checkpointer, summary, skips_in_row, max_skips
+                    )
+                    prev_metrics = None  # checked
+                    if not ckpt_lib.all_finite(state):  # the loss can be finite a step too long
+                        _diverged(f"the train state became non-finite by step {step}", checkpointer)
+                    meta.update(step=step, epoch=epoch_of_step(step) if epoch_of_step else None)
+                    checkpointer.save(step, state, meta, force=stop or step == total_steps)
+                if stop:
+                    summary["stop_reason"] = "preempted" if preempted else "stop_after_steps"
+                    logging.warning(
+                        "Stopped (%s) at step %d; checkpoint saved, rerun to resume.",
+                        summary["stop_reason"],
+                        step,
+                    )
+                    break
+    finally:
+        # Stop the input threads now, also on an error: a traceback keeps this frame (and a
+        # live iterator) until exit, where its reader threads can abort the interpreter.
+        del batches
     if prev_metrics is not None:
         _check_finite(prev_metrics, step - 1, checkpointer, summary, skips_in_row, max_skips)
     checkpointer.close()
