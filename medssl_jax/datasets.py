@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -253,17 +254,32 @@ def _source_digest(fn: Transform) -> str:
         return "unknown"
 
 
+def index_path(builder: tfds.core.DatasetBuilder, digest: str) -> str:
+    """Where a split's index lives: next to the prepared data, or, when that folder is remote
+    (gs://: memory-mapping needs a local file) or read-only, in a local cache
+    ($MEDSSL_INDEX_CACHE, default ~/.cache/medssl_jax/index) keyed by the data folder."""
+    root = str(builder.data_dir)
+    if "://" not in root and os.access(root, os.W_OK):
+        return os.path.join(root, f"medssl_index-{digest}")
+    cache = os.environ.get("MEDSSL_INDEX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "medssl_jax", "index"
+    )
+    os.makedirs(cache, exist_ok=True)
+    where = hashlib.sha256(root.encode()).hexdigest()[:12]
+    return os.path.join(cache, f"{where}-medssl_index-{digest}")
+
+
 def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
     """Flat index of (builder, split, options) from the stored metadata (`case_store`), saved
     next to the prepared data and memory-mapped from there (`case_store.load_index`); rebuilt
     when the hook's source changes."""
+    size = builder.info.splits[split].num_examples  # (a re-prepared split: a new index)
     blob = json.dumps(
-        [_INDEX_VERSION, str(split), dict(options or {}), _source_digest(fn)],
+        [_INDEX_VERSION, str(split), size, dict(options or {}), _source_digest(fn)],
         sort_keys=True,
         default=str,
     )
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = os.path.join(str(builder.data_dir), f"medssl_index-{digest}")
+    path = index_path(builder, hashlib.sha256(blob.encode()).hexdigest()[:16])
     with _index_lock:
         index = case_store.load_index(path)
         if index is None:
@@ -275,8 +291,8 @@ def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
                 shutil.rmtree(path, ignore_errors=True)  # an inconsistent earlier copy
                 case_store.save_index(index, path)
                 index = case_store.load_index(path) or index  # mapped, like every later start
-            except OSError:
-                pass  # read-only data_dir: rebuilt next time
+            except OSError as e:  # e.g. a full disk: works, but rebuilds at every start
+                logging.warning("could not save the index of %s to %s: %s", split, path, e)
         return index
 
 

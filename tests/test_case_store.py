@@ -87,6 +87,23 @@ def test_index_is_memory_mapped_and_a_damaged_one_is_rebuilt(demo_dir):
     assert case_store.load_index(path) is None
 
 
+def test_index_of_a_read_only_data_dir_goes_to_the_local_cache(demo_dir, tmp_path, monkeypatch):
+    """A read-only (or gs://) data folder cannot hold the index: it is built once into the local
+    cache and mapped from there at the next start, not rebuilt every time."""
+    monkeypatch.setenv("MEDSSL_INDEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.os, "access", lambda path, mode: False)
+    store, _ = datasets.load("demo/small", "validation", data_dir=demo_dir)
+    [cached] = os.listdir(tmp_path / "cache")
+    assert "medssl_index-" in cached and isinstance(store.case_ids, np.memmap)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached index was rebuilt")
+
+    monkeypatch.setattr(case_store, "build_index", no_rebuild)
+    again, _ = datasets.load("demo/small", "validation", data_dir=demo_dir)
+    np.testing.assert_array_equal(again.case_ids, store.case_ids)
+
+
 def _same_cases(folder: str, store) -> bool:
     ids = np.load(os.path.join(folder, "case_id.npy"))
     return len(ids) == store.num_cases and bool(np.all(ids == store.case_ids))
