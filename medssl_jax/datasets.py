@@ -264,7 +264,6 @@ def index_path(builder: tfds.core.DatasetBuilder, digest: str) -> str:
     cache = os.environ.get("MEDSSL_INDEX_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "medssl_jax", "index"
     )
-    os.makedirs(cache, exist_ok=True)
     where = hashlib.sha256(root.encode()).hexdigest()[:12]
     return os.path.join(cache, f"{where}-medssl_index-{digest}")
 
