@@ -30,6 +30,10 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.model.ft_proj_selector = 0
     c.model.bn_momentum = 0.9
     c.model.cifar_stem = False  # 3x3 stride-1 stem without max-pool, for tiny images
+    # Weights converted from PyTorch (SwAV, DINO) expect ImageNet mean/std inputs and
+    # torchvision's max-pool padding; converted.json says which, and a warm start checks it.
+    c.model.input_norm = "none"  # or "imagenet"
+    c.model.torch_maxpool = False
     # ViT backbones: features = CLS tokens of the last N blocks (+ mean patch token). Heads
     # read the final CLS token while pretraining; evaluation uses DINO's 4 (see supervised).
     c.model.vit_n_last_blocks = 1

@@ -109,6 +109,8 @@ def model_from_config(config: ml_collections.ConfigDict, *, num_classes: int, **
         dtype=DTYPES[m.dtype],
         bn_momentum=float(m.get("bn_momentum", 0.9)),
         cifar_stem=bool(m.get("cifar_stem", False)),
+        torch_maxpool=bool(m.get("torch_maxpool", False)),
+        input_norm=str(m.get("input_norm", "none")),
         vit_n_last_blocks=int(m.get("vit_n_last_blocks", 1)),
         vit_avgpool=bool(m.get("vit_avgpool", False)),
     )

@@ -12,11 +12,16 @@ from medssl_jax.models.heads import ProjectionHead, SupervisedHead
 from medssl_jax.models.resnet import ResNet, validate_backbone
 from medssl_jax.models.vit import VIT_CONFIGS, VisionTransformer
 
+INPUT_NORMS = ("none", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class SimCLRModel(nn.Module):
     """SimCLR network; variables are keyed 'backbone', 'projection_head', 'supervised_head'.
 
-    `__call__(x [B, H, W, 3] in [0, 1], train)` returns a dict of float32 arrays:
+    `__call__(x [B, H, W, 3] in [0, 1], train)` (normalised with ImageNet's mean and std first
+    when `input_norm='imagenet'`, as the PyTorch releases expect) returns a dict of float32 arrays:
       features     [B, D]    pooled backbone output,
       projection   [B, proj_out_dim] projection head output (not l2-normalised),
       ft_features  [B, D']   supervised head input: projection-head output after
@@ -39,6 +44,8 @@ class SimCLRModel(nn.Module):
     head_stop_gradient: bool = False
     freeze_backbone: bool = False
     cifar_stem: bool = False
+    torch_maxpool: bool = False  # torchvision's stem max-pool padding (converted PyTorch nets)
+    input_norm: str = "none"  # or "imagenet": (x - mean) / std on device, inside the model
     method_head: nn.Module | None = None  # params under 'method_head'
     # A ViT backbone (name in VIT_CONFIGS) instead of the ResNet: features are the CLS tokens
     # of the last `vit_n_last_blocks` blocks (+ mean patch token with `vit_avgpool`), DINO's way.
@@ -70,6 +77,8 @@ class SimCLRModel(nn.Module):
                 f"method_head_input must be 'projection' or 'features', got "
                 f"{self.method_head_input!r}"
             )
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         super().__post_init__()
@@ -79,6 +88,8 @@ class SimCLRModel(nn.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"SimCLRModel expects RGB images [B, H, W, 3], got shape {x.shape}")
         body_train = train and not self.freeze_backbone
+        if self.input_norm == "imagenet":
+            x = (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
         if self.vit:
             backbone = VisionTransformer(
                 **VIT_CONFIGS[self.vit],
@@ -93,6 +104,7 @@ class SimCLRModel(nn.Module):
                 width_multiplier=self.width_multiplier,
                 sk_ratio=self.sk_ratio,
                 cifar_stem=self.cifar_stem,
+                torch_maxpool=self.torch_maxpool,
                 dtype=self.dtype,
                 bn_momentum=self.bn_momentum,
                 bn_epsilon=self.bn_epsilon,

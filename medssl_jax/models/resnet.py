@@ -299,13 +299,16 @@ class ResNet(nn.Module):
     """SimCLR ResNet v1 backbone: [B, H, W, C] in [0, 1] -> pooled float32 features [B, D].
 
     D = 2048*w (bottleneck) or 512*w (basic). `cifar_stem` replaces the stem by one 3x3
-    stride-1 conv without max-pool (SimCLR's CIFAR variant, for tiny images).
+    stride-1 conv without max-pool (SimCLR's CIFAR variant, for tiny images). `torch_maxpool`
+    pads the stem's max-pool by 1 on every side (torchvision) instead of SAME (SimCLR), so that
+    converted PyTorch weights (SwAV, DINO) reproduce their network's outputs.
     """
 
     depth: int = 50
     width_multiplier: float = 1
     sk_ratio: float = 0.0
     cifar_stem: bool = False
+    torch_maxpool: bool = False
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -340,7 +343,8 @@ class ResNet(nn.Module):
             else:
                 x = conv(x, ch(64), 7, 2, name="stem_conv0")
                 x = bn(x, name="stem_bn0")
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            pool_pad = ((1, 1), (1, 1)) if self.torch_maxpool else "SAME"
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pool_pad)
 
         block_cls = BottleneckBlock if self.depth in BOTTLENECK_DEPTHS else BasicBlock
         groups = zip(BLOCK_SIZES[self.depth], GROUP_FILTERS, GROUP_STRIDES, strict=True)
