@@ -331,7 +331,24 @@ def _check_same(target: Any, source: Any, where: str) -> Any:
 
 def warm_start(state: Any, path: str, parts: tuple[str, ...], proj_layers: int | None = None):
     """`state` (a TrainState) with `parts` of its params and batch_stats taken from the latest
-    checkpoint at `path`; step and optimiser untouched (they start fresh)."""
+    checkpoint at `path`; step and optimiser untouched (they start fresh).
+
+    A converted release (converted.json) restores the requested parts it holds; the others
+    (e.g. the projection head of a SimCLRv1 or DINO file) keep their random init, logged.
+    """
+    from medssl_jax.convert.common import read_info
+
+    info = read_info(path)
+    if info is not None:
+        absent = [p for p in parts if p not in info["parts"]]
+        if absent:
+            logging.warning(
+                "%s (converted from %s) holds no %s: those start from random init",
+                path,
+                info.get("format"),
+                absent,
+            )
+        parts = tuple(p for p in parts if p in info["parts"])
     params, batch_stats, src_step = load_variables(path)
     host_params = jax.device_get(state.params)
     host_stats = jax.device_get(state.batch_stats)

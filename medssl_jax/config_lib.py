@@ -95,6 +95,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
     path = config.get("init_checkpoint", "")
     if path:
         _require(os.path.exists(path), "init_checkpoint", f"{path!r} does not exist")
+        _validate_converted(config, path)
+
+
+def _validate_converted(config: ml_collections.ConfigDict, path: str) -> None:
+    """A converted release (converted.json) must meet a model that computes what its source
+    network did: same variant, input normalisation, max-pool padding and, when its projection
+    head is restored, the same head shape."""
+    from medssl_jax.convert.common import read_info
+    from medssl_jax.models import get_variant
+
+    info = read_info(path)
+    if info is None:
+        return
+    src = f"init_checkpoint {path!r} (converted from {info.get('format')})"
+    _require(
+        get_variant(config.model.variant) == get_variant(info["variant"]),
+        "model.variant",
+        f"{config.model.variant!r}, but {src} holds {info['variant']!r}",
+    )
+    for field in ("input_norm", "torch_maxpool"):
+        want = info.get(field, "none" if field == "input_norm" else False)
+        have = config.model.get(field, "none" if field == "input_norm" else False)
+        _require(
+            have == want,
+            f"model.{field}",
+            f"{have!r}, but {src} expects {want!r}: set --config.model.{field}={want}",
+        )
+    head_wanted = "projection_head" in tuple(config.get("init_parts", ())) or (
+        int(config.model.get("ft_proj_selector", 0)) > 0
+    )
+    if head_wanted and "projection_head" in info.get("parts", ()):
+        for field in ("num_proj_layers", "proj_out_dim"):
+            if field in info and int(config.model[field]) != int(info[field]):
+                _require(
+                    False,
+                    f"model.{field}",
+                    f"{config.model[field]}, but the projection head of {src} has "
+                    f"{field}={info[field]}: set --config.model.{field}={info[field]} or leave "
+                    "the head out (--config.init_parts=backbone, ft_proj_selector=0)",
+                )
 
 
 def model_from_config(config: ml_collections.ConfigDict, *, num_classes: int, **overrides: Any):

@@ -31,16 +31,28 @@ def np_dense(x: np.ndarray, p: dict) -> np.ndarray:
 
 
 def np_cubic_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] Keys-cubic (a = -0.5) weights, half-pixel centres, in-range taps renormed."""
-    a = -0.5
-    s = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5  # sample positions in input coordinates
-    t = np.abs(s[:, None] - np.arange(n_in)[None, :])
-    w = np.where(
-        t <= 1,
-        (a + 2) * t**3 - (a + 3) * t**2 + 1,
-        np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0),
-    )
-    return w / w.sum(1, keepdims=True)
+    """[n_out, n_in] weights of DINO's resize along one axis (float64).
+
+    torch bicubic F.interpolate as DINO calls it: scale_factor (n_out + 0.1) / n_in sets the
+    sample positions (dst + 0.5) / factor - 0.5, cubic convolution A = -0.75, taps
+    floor(s) - 1 .. floor(s) + 2 clamped to the input range. Not the identity for n_in == n_out.
+    """
+    a = -0.75
+    s = (np.arange(n_out) + 0.5) * n_in / (n_out + 0.1) - 0.5  # sample positions (input)
+    base = np.floor(s)
+    t = s - base
+
+    def conv1(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def conv2(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    w = np.stack([conv2(t + 1), conv1(t), conv1(1 - t), conv2(2 - t)], 1)  # [n_out, 4]
+    idx = np.clip(base[:, None].astype(int) + np.arange(-1, 3)[None], 0, n_in - 1)
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.repeat(np.arange(n_out), 4), idx.ravel()), w.ravel())
+    return m
 
 
 def np_vit_features(
@@ -218,7 +230,6 @@ def test_pos_embed_unchanged_at_reference_grid():
     params = _init(model, x, seed=6)["params"]
     pos = params["pos_embed"]
     assert interpolate_pos_embed(pos, (14, 14)) is pos
-    np.testing.assert_array_equal(np.asarray(np_cubic_resize_matrix(14, 14)), np.eye(14))
     got = np.asarray(_apply(model, {"params": params}, x))
     want = np_vit_features(
         _to_np(params), np.asarray(x), patch=16, heads=2, n_last=2, avgpool=False

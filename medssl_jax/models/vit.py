@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # name -> constructor fields. mlp_ratio 4 everywhere (DINO's vit_tiny/small/base); "vit_tiny"
 # here is a small test/demo net, not DINO's `vit_tiny` (which is "vit_ti16").
@@ -57,26 +58,88 @@ def _torch_conv_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+# PyTorch's bicubic constant (`get_cubic_upsample_coefficients`, A = -0.75; Keys' is -0.5).
+_TORCH_CUBIC_A = -0.75
+
+
+def _torch_bicubic_taps(n_in: int, n_out: int, scale_factor: float) -> tuple[np.ndarray, ...]:
+    """4-tap source indices [n_out, 4] int32 and weights [n_out, 4] float32 along one axis.
+
+    Reproduces PyTorch's CPU `upsample_bicubic2d` with align_corners=False, a user-given
+    `scale_factor` and no antialiasing (aten/src/ATen/native/UpSample.h): the coordinate scale
+    is float32(1 / scale_factor) (`compute_scales_value`; the given factor, not n_in / n_out),
+    src = scale * (dst + 0.5) - 0.5 (`area_pixel_compute_source_index`, cubic: negative src
+    kept), taps floor(src) - 1 .. floor(src) + 2 with weights `cubic_convolution2(t + 1)`,
+    `cubic_convolution1(t)`, `cubic_convolution1(1 - t)`, `cubic_convolution2(2 - t)` at
+    t = src - floor(src), and out-of-range taps clamped to [0, n_in - 1]
+    (`upsample_get_value_bounded`). Arithmetic in float32 like torch's float kernel.
+    """
+    f32 = np.float32
+    a = f32(_TORCH_CUBIC_A)
+    scale = f32(1.0 / scale_factor)
+    dst = np.arange(n_out, dtype=np.float64)
+    src = (np.float64(scale) * (dst + 0.5) - 0.5).astype(f32)  # [n_out]
+    base = np.floor(src)
+    t = (src - base).astype(f32)
+
+    def conv1(x: np.ndarray) -> np.ndarray:  # |x| <= 1
+        return ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+
+    def conv2(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
+        return ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
+
+    one = f32(1)
+    weights = np.stack([conv2(t + one), conv1(t), conv1(one - t), conv2((one - t) + one)], 1)
+    idx = base.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]  # [n_out, 4]
+    idx = np.clip(idx, 0, n_in - 1).astype(np.int32)
+    return idx, weights.astype(f32)
+
+
 def interpolate_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
     """Resize a [1, 1+g*g, D] position embedding to a `grid_hw` patch grid (CLS part kept).
 
-    Returned unchanged when the grid already is g x g. Otherwise the [g, g, D] patch part is
-    resized with jax.image.resize "bicubic" (Keys cubic a=-0.5, half-pixel centres, no
-    antialiasing). Not numerically DINO's resize: PyTorch's bicubic uses a=-0.75 with clamped
-    borders, and DINO passes scale factor (g_out + 0.1) / g. Output [1, 1+gh*gw, D].
+    Numerically DINO's `VisionTransformer.interpolate_pos_encoding` (facebookresearch/dino,
+    main branch, `vision_transformer.py`). DINO returns the stored embedding when the token
+    count matches and the image is square; here that is grid_hw == (g, g), returned unchanged
+    (same object). Otherwise DINO does, for an NCHW image x:
+
+        B, nc, w, h = x.shape            # so DINO's "w" is the height H, "h" the width W
+        w0, h0 = w // patch + 0.1, h // patch + 0.1
+        F.interpolate(pos.reshape(1, g, g, D).permute(0, 3, 1, 2),   # [1, D, g, g]
+                      scale_factor=(w0 / g, h0 / g), mode="bicubic")  # align_corners=False
+
+    The swapped names cancel out: the row (height) axis is scaled by (gh + 0.1) / g and the
+    column (width) axis by (gw + 0.1) / g, the output is [gh, gw] (floor(g * factor)), and it
+    is flattened row-major, so non-square grids come out in the right orientation. The given
+    factor -- not gh / g -- sets the sampling positions, (dst + 0.5) * g / (gh + 0.1) - 0.5,
+    with PyTorch's cubic convolution (A = -0.75), border taps clamped, no antialiasing. Both
+    axes are done as separable 4-tap gathers + weighted sums whose indices/weights are
+    precomputed in NumPy from the static shapes (jit-friendly), in float32; this matches
+    torch's output to float32 rounding (tests/fixtures/pos_embed_resize.npz). The `grid_hw`
+    grid must be the image's (H // patch, W // patch). Output [1, 1+gh*gw, D].
     """
     n_patches = pos_embed.shape[1] - 1
     g = math.isqrt(n_patches)
     if g * g != n_patches:
         raise ValueError(f"pos_embed must hold 1 + g*g tokens, got {pos_embed.shape[1]}")
-    gh, gw = grid_hw
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
     if (gh, gw) == (g, g):
         return pos_embed
+    taps = []
+    for n_out in (gh, gw):
+        factor = (n_out + 0.1) / math.sqrt(n_patches)  # DINO's w0 / sqrt(N), h0 / sqrt(N)
+        if math.floor(g * factor) != n_out:  # torch's output size; DINO asserts int(w0) == it
+            raise ValueError(f"scale factor {factor} gives {math.floor(g * factor)} != {n_out}")
+        idx, w = _torch_bicubic_taps(g, n_out, factor)
+        taps.append((jnp.asarray(idx), jnp.asarray(w)))
+    (idx_h, w_h), (idx_w, w_w) = taps
     dim = pos_embed.shape[-1]
+    hi = jax.lax.Precision.HIGHEST
     cls_pos = pos_embed[:, :1]  # [1, 1, D]
-    patch_pos = pos_embed[0, 1:].reshape(g, g, dim)  # [g, g, D], row-major (y, x)
-    patch_pos = jax.image.resize(patch_pos, (gh, gw, dim), method="bicubic", antialias=False)
-    patch_pos = patch_pos.reshape(1, gh * gw, dim).astype(pos_embed.dtype)  # [1, gh*gw, D]
+    grid = pos_embed[0, 1:].astype(jnp.float32).reshape(g, g, dim)  # [g, g, D], (y, x)
+    grid = jnp.einsum("hk,hkxd->hxd", w_h, grid[idx_h], precision=hi)  # [gh, g, D]
+    grid = jnp.einsum("wk,hwkd->hwd", w_w, grid[:, idx_w], precision=hi)  # [gh, gw, D]
+    patch_pos = grid.reshape(1, gh * gw, dim).astype(pos_embed.dtype)  # [1, gh*gw, D]
     return jnp.concatenate([cls_pos, patch_pos], axis=1)
 
 
