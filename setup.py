@@ -32,6 +32,7 @@ setuptools.setup(
         "pydicom>=3.0,<4",
         "pylibjpeg>=2,<3",
         "pylibjpeg-openjpeg>=2,<3",
+        "safetensors>=0.4",  # medssl_jax.export: framework-neutral weights
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6"],

@@ -136,6 +136,7 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax
     dim = pos_embed.shape[-1]
     hi = jax.lax.Precision.HIGHEST
     cls_pos = pos_embed[:, :1]  # [1, 1, D]
+    pos_embed = jnp.asarray(pos_embed)  # a NumPy constant too (traced gathers below)
     grid = pos_embed[0, 1:].astype(jnp.float32).reshape(g, g, dim)  # [g, g, D], (y, x)
     grid = jnp.einsum("hk,hkxd->hxd", w_h, grid[idx_h], precision=hi)  # [gh, g, D]
     grid = jnp.einsum("wk,hwkd->hwd", w_w, grid[:, idx_w], precision=hi)  # [gh, gw, D]
