@@ -53,10 +53,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="SimCLRv1: scale conv kernels down to v2 size (BN statistics follow; same outputs)",
     )
+    p.add_argument(
+        "--checkpoint_key",
+        default=None,
+        help="PyTorch files holding several networks: which one (DINO: teacher (default), student)",
+    )
+    p.add_argument(
+        "--drop_heads", action="store_true", help="PyTorch: keep the backbone (and fc) only"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        converted = convert(a.source, a.format, a.variant, ema=a.ema, rescale_v1=a.rescale_v1)
+        converted = convert(
+            a.source,
+            a.format,
+            a.variant,
+            ema=a.ema,
+            rescale_v1=a.rescale_v1,
+            checkpoint_key=a.checkpoint_key,
+            drop_heads=a.drop_heads,
+        )
         out = common.write(converted, a.out)
     except (common.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
