@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medssl_jax.convert import common
+
 FORMATS = ("safetensors", "savedmodel")
 COLLECTIONS = ("params", "batch_stats")
 EXPORT_VERSION = "1"
@@ -77,32 +79,16 @@ class Source:
 
 def tensors_from_variables(params: Mapping, batch_stats: Mapping) -> dict[str, np.ndarray]:
     """{'params.backbone.stem_conv0.kernel': float32 array, ...} for every variable."""
-    out: dict[str, np.ndarray] = {}
-
-    def walk(tree: Mapping, prefix: str) -> None:
-        for k, v in tree.items():
-            if "." in str(k):
-                raise ExportError(f"variable name {prefix}{k!r} contains '.': cannot name it")
-            if isinstance(v, Mapping):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = np.ascontiguousarray(np.asarray(v, dtype=np.float32))
-
-    walk(params, "params.")
-    walk(batch_stats, "batch_stats.")
-    return out
+    try:
+        flat = common.flatten({"params": params, "batch_stats": batch_stats}, sep=".")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
 
 
 def variables_from_tensors(tensors: Mapping[str, Any]) -> dict[str, dict]:
     """Inverse of `tensors_from_variables`: {'params': {...}, 'batch_stats': {...}}."""
-    out: dict[str, dict] = {c: {} for c in COLLECTIONS}
-    for name, value in tensors.items():
-        *path, leaf = name.split(".")
-        node = out
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+    return {c: {} for c in COLLECTIONS} | common.unflatten(tensors, sep=".")
 
 
 # ----------------------------------------------------------------------------- source
@@ -151,14 +137,13 @@ def load_source(workdir: str, image_size: int | None = None) -> Source:
 
     from medssl_jax import config_lib
     from medssl_jax.checkpoint import load_variables
-    from medssl_jax.convert.common import read_info
     from medssl_jax.models import create_model
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ExportError(
             f"{workdir!r} holds no checkpoints/: expected a run's workdir or a converted folder"
         )
-    converted = read_info(workdir)
+    converted = common.read_info(workdir)
     if converted is None:
         meta, meta_step = _read_run_meta(workdir)
         if "config" not in meta:
@@ -207,12 +192,11 @@ def load_source(workdir: str, image_size: int | None = None) -> Source:
 
 def _check_fits(src: Source, workdir: str) -> None:
     """The rebuilt model must have exactly the exported variables' names and shapes."""
-    from medssl_jax.convert.common import flatten
 
     x = jax.ShapeDtypeStruct((1, src.image_size, src.image_size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda x: src.model.init(jax.random.key(0), x, train=False), x)
-    want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
-    have = {k: tuple(np.shape(v)) for k, v in flatten(src.model_variables()).items()}
+    want = {k: tuple(v.shape) for k, v in common.flatten(abstract).items()}
+    have = {k: tuple(np.shape(v)) for k, v in common.flatten(src.model_variables()).items()}
     for name in sorted(set(want) | set(have)):
         if want.get(name) != have.get(name):
             raise ExportError(
@@ -356,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         help="SavedModel: platforms the serialized computation is lowered for",
     )
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         out = export(
             a.workdir,

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         "--drop_heads", action="store_true", help="PyTorch: keep the backbone (and fc) only"
     )
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         converted = convert(
             a.source,

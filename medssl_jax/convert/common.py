@@ -27,23 +27,25 @@ class ConversionError(ValueError):
     what did not match (unused source names, unfilled targets, shapes)."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': x}} -> {'a/b': x}."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x}; a key holding `sep` is an error (names would clash)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
+        if sep in str(k):
+            raise ValueError(f"variable name {prefix}{k!r} contains {sep!r}: cannot name it")
         name = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(flatten(v, name + "/"))
+            out.update(flatten(v, name + sep, sep))
         else:
             out[name] = v
     return out
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
     """{'a/b': x} -> {'a': {'b': x}}."""
     out: dict[str, Any] = {}
     for name, v in flat.items():
-        *path, leaf = name.split("/")
+        *path, leaf = name.split(sep)
         d = out
         for p in path:
             d = d.setdefault(p, {})
