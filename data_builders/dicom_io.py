@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
+from etils import epath
 
 WINDOWS = {  # (centre, width) presets a config can name per modality
     "ct_lung": (-600.0, 1500.0),
@@ -49,7 +50,7 @@ class DicomTags:
 def is_dicom(path: str | os.PathLike) -> bool:
     """Part-10 files carry DICM after a 128-byte preamble (PACS exports often lack an extension)."""
     try:
-        with open(path, "rb") as f:
+        with epath.Path(path).open("rb") as f:  # local, gs://, ...
             head = f.read(132)
     except OSError:
         return False
@@ -60,7 +61,8 @@ def _read(path: str | os.PathLike, *, pixels: bool):
     import pydicom
 
     try:
-        return pydicom.dcmread(os.fspath(path), stop_before_pixels=not pixels)
+        with epath.Path(path).open("rb") as f:  # local, gs://, ... (read whole, then closed)
+            return pydicom.dcmread(f, stop_before_pixels=not pixels)
     except pydicom.errors.InvalidDicomError as e:
         raise DicomError(f"not a DICOM file ({e})") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:

@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from medssl_jax import paths
+
 META_DIR = "medssl_meta"
 
 Transform = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
@@ -47,11 +49,12 @@ def patient_key(patient_id: tf.Tensor | str) -> tf.Tensor:
 
 
 def meta_path(builder: tfds.core.DatasetBuilder, split: str) -> str:
-    return os.path.join(str(builder.data_dir), META_DIR, str(split))
+    """Where `write_meta` stores a split's metadata (a gs:// data_dir gives a gs:// path)."""
+    return str(paths.path(str(builder.data_dir)) / META_DIR / str(split))
 
 
 def has_meta(builder: tfds.core.DatasetBuilder, split: str) -> bool:
-    return os.path.isdir(meta_path(builder, split))
+    return paths.path(meta_path(builder, split)).is_dir()
 
 
 def write_meta(builder: tfds.core.DatasetBuilder, split: str) -> str:
@@ -79,14 +82,14 @@ def write_meta(builder: tfds.core.DatasetBuilder, split: str) -> str:
         return {**meta.deserialize_example(raw), "record": r}
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    path = meta_path(builder, split)
-    tmp = f"{path}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save(tmp, shard_func=lambda ex: tf.constant(0, tf.int64))
-    if os.path.isdir(path):  # another process finished first: same content
-        shutil.rmtree(tmp, ignore_errors=True)
+    path = meta_path(builder, split)  # local or remote (gs://): tf.data and epath speak both
+    tmp = paths.path(f"{path}.tmp{os.getpid()}")
+    tmp.rmtree(missing_ok=True)
+    ds.save(str(tmp), shard_func=lambda ex: tf.constant(0, tf.int64))
+    if paths.path(path).is_dir():  # another process finished first: same content
+        tmp.rmtree(missing_ok=True)
     else:
-        os.replace(tmp, path)
+        tmp.rename(path)
     return path
 
 
@@ -171,7 +174,9 @@ def build_index(path: str, fn: Transform, label_kind: str, k: int) -> dict[str, 
 
 def save_index(index: dict[str, np.ndarray], path: str) -> None:
     """Writes an index as a folder of .npy files (one per array), atomically: a temporary
-    folder renamed into place. A concurrent writer that finished first wins (same content)."""
+    folder renamed into place. A concurrent writer that finished first wins (same content).
+    `path` is local (`load_index` memory-maps it): `datasets.index_path` puts the index of a
+    remote data_dir in a local cache."""
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -38,6 +38,25 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+# Orbax writes array bytes through TensorStore, whose drivers are local files and GCS only.
+ORBAX_SCHEMES = ("gs://",)
+
+
+def orbax_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as a folder Orbax can read and write: a local one (made absolute) or gs://.
+
+    Other schemes (ram://, s3://, ...) raise CheckpointError: epath speaks them, but Orbax's
+    array files go through TensorStore, which writes local folders or gs:// only.
+    """
+    text = os.fspath(path)
+    if "://" in text and not text.startswith(ORBAX_SCHEMES):
+        raise CheckpointError(
+            f"{text!r}: Orbax checkpoints need a local folder or one of {ORBAX_SCHEMES} "
+            "(TensorStore, which writes the arrays, speaks no other scheme)"
+        )
+    return epath.Path(absolute(text))
+
+
 def all_finite(tree: Any) -> bool:
     """Whether every floating-point array of `tree` is finite (one reduction on device)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -80,7 +99,7 @@ class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for one run directory."""
 
     def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = epath.Path(absolute(workdir)) / "checkpoints"
+        self.directory = orbax_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(1, every_steps),
@@ -240,7 +259,7 @@ def _reader(directory: epath.Path) -> ocp.CheckpointManager:
 
 def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
     """Accepts a run workdir, its checkpoints/ folder, or one step folder inside it."""
-    p = epath.Path(absolute(path))
+    p = orbax_path(path)
     if not p.exists():
         raise FileNotFoundError(f"init checkpoint {path!r} does not exist")
     candidates = [p / "checkpoints", p]
@@ -370,4 +389,4 @@ def warm_start(state: Any, path: str, parts: tuple[str, ...], proj_layers: int |
 
 
 def exists(workdir: str) -> bool:
-    return os.path.isdir(os.path.join(workdir, "checkpoints"))
+    return (orbax_path(workdir) / "checkpoints").is_dir()

@@ -6,13 +6,12 @@ seconds with a message naming the offending field.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
-from medssl_jax import optim
+from medssl_jax import optim, paths
 
 SUPERVISED = ("finetune", "linear_eval")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -94,7 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         method.validate(config, _require)
     path = config.get("init_checkpoint", "")
     if path:
-        _require(os.path.exists(path), "init_checkpoint", f"{path!r} does not exist")
+        _require(paths.path(path).exists(), "init_checkpoint", f"{path!r} does not exist")
         _validate_converted(config, path)
 
 

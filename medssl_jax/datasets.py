@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medssl_jax import case_store, data_splits
+from medssl_jax import case_store, data_splits, paths
 from medssl_jax.case_store import CaseStore, DataSpec, patient_key  # noqa: F401 (re-exported)
 
 LABEL_KINDS = ("multiclass", "multilabel", "none")
@@ -163,8 +163,8 @@ def prepare(
         return
     instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     if manual_dir is None and instructions:
-        manual_dir = os.path.join(default_data_dir(data_dir), "downloads", "manual")
-    if instructions and not os.path.isdir(os.path.expanduser(str(manual_dir))):
+        manual_dir = str(paths.path(default_data_dir(data_dir)) / "downloads" / "manual")
+    if instructions and not paths.path(os.path.expanduser(str(manual_dir))).is_dir():
         raise FileNotFoundError(
             f"dataset {builder.name!r} is not prepared in {builder.data_dir} and its manual_dir "
             f"{manual_dir!r} does not exist. Expected there:\n{instructions}"
@@ -257,7 +257,8 @@ def _source_digest(fn: Transform) -> str:
 def index_path(builder: tfds.core.DatasetBuilder, digest: str) -> str:
     """Where a split's index lives: next to the prepared data, or, when that folder is remote
     (gs://: memory-mapping needs a local file) or read-only, in a local cache
-    ($MEDSSL_INDEX_CACHE, default ~/.cache/medssl_jax/index) keyed by the data folder."""
+    ($MEDSSL_INDEX_CACHE, default ~/.cache/medssl_jax/index) keyed by the data folder. Always
+    a local path; the metadata it is built from is read where the data is (tf.data)."""
     root = str(builder.data_dir)
     if "://" not in root and os.access(root, os.W_OK):
         return os.path.join(root, f"medssl_index-{digest}")

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,7 +35,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from medssl_jax.checkpoint import absolute
+from medssl_jax.checkpoint import exists as ckpt_exists
 from medssl_jax.convert import common
 
 FORMATS = ("safetensors", "savedmodel")
@@ -139,7 +141,7 @@ def load_source(workdir: str, image_size: int | None = None) -> Source:
     from medssl_jax.checkpoint import load_variables
     from medssl_jax.models import create_model
 
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not ckpt_exists(workdir):
         raise ExportError(
             f"{workdir!r} holds no checkpoints/: expected a run's workdir or a converted folder"
         )
@@ -224,7 +226,7 @@ def metadata(src: Source, workdir: str) -> dict[str, str]:
         "cifar_stem": str(bool(m.cifar_stem)).lower(),
         "image_size": str(src.image_size),
         "step": str(src.step),
-        "source": os.path.abspath(workdir),
+        "source": absolute(workdir),
         "layout": LAYOUT,
         "input": "float32 RGB [B, H, W, 3] in [0, 1]; the model applies input_norm itself",
     }
@@ -290,8 +292,9 @@ def export_savedmodel(
         signatures={"serving_default": serve},
         options=tf.saved_model.SaveOptions(experimental_custom_gradients=True),
     )
-    with open(os.path.join(out, "medssl_export.json"), "w") as f:
-        json.dump(metadata(src, workdir), f, indent=2)
+    (epath.Path(out) / "medssl_export.json").write_text(
+        json.dumps(metadata(src, workdir), indent=2)
+    )
     return out
 
 
@@ -310,9 +313,9 @@ def export(
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if os.path.exists(out):
+    if epath.Path(out).exists():
         raise ExportError(f"{out!r} already exists: choose a new --out")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not ckpt_exists(workdir):
         raise ExportError(
             f"{workdir!r} holds no checkpoints/: expected a run's workdir or a converted folder"
         )

@@ -9,7 +9,6 @@ evaluated, without further tuning, on every split in `config.eval_splits`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from medssl_jax import (
     losses,
     metrics,
     optim,
+    paths,
     predictions,
     sharding,
 )
@@ -184,7 +184,7 @@ def split_metrics(pred: dict[str, np.ndarray], spec, *, graded: bool) -> dict[st
     )
 
 
-def _write_predictions(path: str, pred: dict, store: CaseStore) -> None:
+def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> None:
     rows = np.asarray(pred["local_index"], np.int64)  # rows of the per-image arrays
     cases, _ = store.locate(rows)
     logits = pred["local_logits"]
@@ -321,14 +321,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         m, pred = evaluate(split, params, batch_stats)
         split_results[split] = m
         name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
-        _write_predictions(os.path.join(workdir, name), pred, eval_stores[split])
+        _write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
         if pcount == 1:
             predictions[split] = name
         logging.info("%s: %s", split, {k: round(v, 4) for k, v in m.items() if "/" not in k})
     eval_writer.flush()
     results = {
         "kind": config.method,
-        "name": config.get("name") or os.path.basename(os.path.normpath(workdir)),
+        "name": config.get("name") or paths.path(workdir).name,
         "dataset": spec.name,
         "label_kind": spec.label_kind,
         "init": config.init_name,
@@ -354,7 +354,7 @@ class _BestKeeper:
         self.metric = "auc_mean" if label_kind == "multilabel" else "top1"
         self.split = split
         self.manager = ocp.CheckpointManager(
-            os.path.join(ckpt_lib.absolute(workdir), "best"),
+            ckpt_lib.orbax_path(workdir) / "best",
             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
         )
         self.step = self.manager.latest_step()

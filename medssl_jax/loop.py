@@ -27,7 +27,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import sharding
+from medssl_jax import paths, sharding
 from medssl_jax.state import TrainState
 
 
@@ -35,15 +35,16 @@ class DivergenceError(FloatingPointError):
     """The loss or the state became NaN/inf; the message names the newest finite checkpoint."""
 
 
-def write_json(path: str, obj: Mapping[str, Any]) -> None:
-    """Atomically writes JSON (process 0 only)."""
+def write_json(path: str | os.PathLike, obj: Mapping[str, Any]) -> None:
+    """Writes JSON to a temporary name, then renames it into place (process 0 only); any
+    filesystem epath speaks (local, gs://, ...)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
+    path = paths.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    tmp.replace(path)
 
 
 def _json_default(o: Any) -> Any:

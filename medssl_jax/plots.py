@@ -6,12 +6,15 @@ display, so it is safe in headless jobs and in tests running in parallel.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from medssl_jax import paths
 
 __all__ = ["plot_label_efficiency", "plot_roc_panels", "plot_shift_bars"]
 
@@ -20,8 +23,11 @@ Stat = tuple[float, float, int]
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """PNG bytes rendered in memory, then written through epath (local, gs://, ...)."""
     FigureCanvasAgg(fig)
-    fig.savefig(os.fspath(path), dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    paths.path(path).write_bytes(buf.getvalue())
 
 
 def plot_label_efficiency(

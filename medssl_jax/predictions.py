@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from medssl_jax import paths
 from medssl_jax.metrics import _class_keys, _finite_2d, _int_labels
 
 __all__ = ["Predictions", "read_predictions_csv", "write_predictions_csv"]
@@ -100,18 +102,18 @@ def write_predictions_csv(
     # Shortest text that round-trips the scores' own float dtype (float32 stays short).
     dtype = raw.dtype if raw.dtype in (np.float32, np.float64) else np.float64
     score_txt = scores.astype(dtype).astype(str)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for i in range(n):
-            w.writerow([case_ids[i], image_ids[i], *label_txt[i], *score_txt[i].tolist()])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    for i in range(n):
+        w.writerow([case_ids[i], image_ids[i], *label_txt[i], *score_txt[i].tolist()])
+    paths.path(path).write_bytes(buf.getvalue().encode("utf-8"))  # local, gs://, ...
 
 
 def read_predictions_csv(path: str | os.PathLike) -> Predictions:
     """Read a CSV written by write_predictions_csv; errors name the file, row and column."""
-    path = os.fspath(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    path = paths.path(path)
+    rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
     if not rows:
         raise ValueError(f"{path}: empty predictions file (no header)")
     header = rows[0]

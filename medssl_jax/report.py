@@ -20,12 +20,12 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 
-from medssl_jax import metrics, plots, predictions
+from medssl_jax import metrics, paths, plots, predictions
+from medssl_jax.paths import Path  # epath: local, gs://, ...
 
 __all__ = [
     "RESULTS_FILENAME",
@@ -143,19 +143,19 @@ def validate_results(obj: object, source: str | os.PathLike) -> ResultsJson:
     if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
         raise ResultsError(f"{source}: field 'predictions' must map split -> CSV path")
     for split, rel in preds.items():
-        if not (Path(source).parent / rel).is_file():
+        if not (paths.path(source).parent / rel).is_file():
             raise ResultsError(f"{source}: field 'predictions.{split}': file {rel!r} not found")
     return obj  # type: ignore[return-value]
 
 
 def write_results(folder: str | os.PathLike, results: ResultsJson) -> Path:
     """Validate and write `folder/results.json` (the writer side of the schema)."""
-    path = Path(folder) / RESULTS_FILENAME
+    path = paths.path(folder) / RESULTS_FILENAME
     validate_results(results, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    tmp.replace(path)  # atomic locally; object stores have no partial objects
     return path
 
 
@@ -163,16 +163,20 @@ def load_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     """Find and validate every results.json under dirs; returns (runs, notes for the report)."""
     files: list[Path] = []
     for d in dirs:
-        d = Path(d)
+        d = paths.path(d)
         if not d.is_dir():
             raise ResultsError(f"{d}: not a directory")
-        found = sorted(d.rglob(RESULTS_FILENAME))
+        found = sorted(
+            paths.path(root) / RESULTS_FILENAME
+            for root, _, names in d.walk()
+            if RESULTS_FILENAME in names
+        )
         if not found:
             raise ResultsError(f"{d}: no {RESULTS_FILENAME} found (searched recursively)")
         files.extend(found)
     notes: list[str] = []
     by_key: dict[tuple, Run] = {}
-    for f in dict.fromkeys(p.resolve() for p in files):
+    for f in dict.fromkeys(_canonical(p) for p in files):
         try:
             obj = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -192,6 +196,11 @@ def load_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[str]]:
             by_key[key] = run
     runs = list(by_key.values())
     return runs, notes
+
+
+def _canonical(p: Path) -> Path:
+    """One name per file (symlinks and `..` resolved) for local paths; URLs as they are."""
+    return p if paths.is_remote(p) else paths.path(os.path.realpath(p))
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -366,7 +375,7 @@ def build_report(
     metric_names defaults to top1 (multiclass) or auc_mean (multilabel) per group.
     """
     runs, notes = load_runs(dirs)
-    out = Path(out_dir if out_dir is not None else dirs[0])
+    out = paths.path(out_dir if out_dir is not None else dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     lines = ["# Results report", ""]

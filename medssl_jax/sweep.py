@@ -12,10 +12,11 @@ checkpoint). Every init path is checked before the first run starts.
 from __future__ import annotations
 
 import copy
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from medssl_jax import paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Fine-tuning or linear-eval config file.")
@@ -33,7 +34,7 @@ def parse_inits(specs: list[str]) -> dict[str, str]:
         name, _, path = spec.partition(":")
         if not name:
             raise ValueError(f"--init {spec!r}: expected NAME or NAME:PATH")
-        if path and not os.path.exists(path):
+        if path and not paths.path(path).exists():
             raise FileNotFoundError(f"--init {spec!r}: {path!r} does not exist")
         if not path and name != "scratch":
             raise ValueError(f"--init {spec!r}: only 'scratch' may omit the checkpoint path")
@@ -42,7 +43,7 @@ def parse_inits(specs: list[str]) -> dict[str, str]:
 
 
 def run_dir(root: str, init: str, fraction: float, seed: int) -> str:
-    return os.path.join(root, init, f"frac{fraction:g}", f"seed{seed}")
+    return str(paths.path(root) / init / f"frac{fraction:g}" / f"seed{seed}")
 
 
 def run_sweep(config, root: str, fractions, seeds, inits: dict[str, str]) -> list[str]:
@@ -58,7 +59,7 @@ def run_sweep(config, root: str, fractions, seeds, inits: dict[str, str]) -> lis
     for n, (init, frac, seed) in enumerate(combos, 1):
         d = run_dir(root, init, frac, seed)
         dirs.append(d)
-        if os.path.exists(os.path.join(d, "results.json")):
+        if (paths.path(d) / "results.json").exists():
             logging.info("[%d/%d] %s done already", n, len(combos), d)
             continue
         c = copy.deepcopy(config)

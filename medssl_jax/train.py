@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any
 
@@ -10,7 +9,7 @@ import ml_collections
 
 from data_builders.common import BadInputError
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import finetune, methods, pretrain
+from medssl_jax import finetune, methods, paths, pretrain
 from medssl_jax.case_store import StaleIndexError
 from medssl_jax.config_lib import SUPERVISED, ConfigError
 from medssl_jax.datasets import DatasetFormatError
@@ -32,20 +31,21 @@ USER_ERRORS = (
 
 
 def check_workdir(workdir: str) -> str:
-    """The absolute workdir, created and proven writable, or ConfigError naming the problem."""
+    """The absolute workdir (local, or a URL such as gs://), created and proven writable, or
+    ConfigError naming the problem; CheckpointError if Orbax cannot write checkpoints there."""
     workdir = ckpt_lib.absolute(workdir)
-    if "://" in workdir:
-        return workdir  # object stores: orbax reports their errors
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    ckpt_lib.orbax_path(workdir)  # a scheme Orbax cannot write: say so before training
+    path = paths.path(workdir)
+    if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir {workdir!r} exists and is not a directory")
-    probe = os.path.join(workdir, f".write_test_{uuid.uuid4().hex}")
+    probe = path / f".write_test_{uuid.uuid4().hex}"
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir {workdir!r} is not usable: {e.strerror or e}") from None
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001  (OSError, or an object store's own error)
+        text = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [repr(e)])[0]
+        raise ConfigError(f"--workdir {workdir!r} is not usable: {text}") from None
     return workdir
 
 

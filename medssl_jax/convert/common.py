@@ -169,11 +169,10 @@ class Converted:
 def write(converted: Converted, out: str) -> str:
     """Write `converted` as an Orbax checkpoint (step 0) plus converted.json under `out`."""
     import orbax.checkpoint as ocp
-    from etils import epath
 
-    from medssl_jax.checkpoint import absolute
+    from medssl_jax.checkpoint import orbax_path
 
-    root = epath.Path(absolute(out))
+    root = orbax_path(out)
     if (root / "checkpoints").exists():
         raise FileExistsError(f"{out!r} already holds checkpoints/: choose an empty --out")
     root.mkdir(parents=True, exist_ok=True)
