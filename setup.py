@@ -11,7 +11,7 @@ setuptools.setup(
     ),
     package_data={"data_builders": ["*/dummy_data/**/*", "*/*.txt", "*/*.tsv"]},
     include_package_data=True,
-    python_requires=">=3.10,<3.14",
+    python_requires=">=3.11,<3.14",
     install_requires=[
         "jax[cpu]>=0.7,<0.11",
         "flax>=0.11,<0.13",

@@ -150,45 +150,7 @@ def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
-def _tpu(*args):
-    return subprocess.run(
-        ["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True, text=True, timeout=30
-    )
-
-
-def test_tpu_vm_dry_run_prints_the_training_command():
-    config, workdir = "configs/micle.py:r50_1x,chexpert", "gs://bucket/runs/micle_cxr"
-    p = _tpu(
-        "--dry-run",
-        "my-tpu",
-        "us-central2-b",
-        "v4-32",
-        config,
-        workdir,
-        "--",
-        "--config.batch_size=1024",
-    )
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.splitlines()
-    assert any(
-        ln.startswith("gcloud compute tpus tpu-vm create my-tpu")
-        and "--accelerator-type=v4-32" in ln
-        for ln in lines
-    )
-    train = [ln for ln in lines if "main.py --config=" in ln]
-    assert len(train) == 1
-    assert f"main.py --config={config} --workdir={workdir} --config.batch_size=1024" in train[0]
-    assert "--worker=all" in train[0]
-    assert any("pip install" in ln and "jax[tpu]" in ln and "--worker=all" in ln for ln in lines)
-
-
-def test_tpu_vm_rejects_bad_arguments():
-    p = _tpu("--dry-run", "my-tpu", "zone", "v4-8", "configs/simclr.py:demo", "/local/dir")
-    assert p.returncode == 2 and "gs://" in p.stderr
-    p = _tpu("--dry-run", "my-tpu", "zone", "v4-8", "configs/nope.py", "gs://b/w")
-    assert p.returncode == 2 and "configs/nope.py" in p.stderr
-    p = _tpu("--dry-run", "my-tpu", "zone")
-    assert p.returncode == 2 and "expected NAME ZONE" in p.stderr
+# launch/tpu_vm.sh: tests/test_launch_tpu.py
 
 
 @pytest.mark.parametrize("reason,requeued", [("preempted", True), ("completed", False)])
