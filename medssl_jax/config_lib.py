@@ -61,6 +61,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.dtype",
         f"{config.model.dtype!r} not in {tuple(DTYPES)}",
     )
+    remat = config.model.get("remat", False)
+    _require(isinstance(remat, bool), "model.remat", f"must be a bool, got {remat!r}")
+    if "sharding" in config:
+        fsdp = config.sharding.get("fsdp", False)
+        _require(isinstance(fsdp, bool), "sharding.fsdp", f"must be a bool, got {fsdp!r}")
+        min_size = config.sharding.get("fsdp_min_size", 0)
+        _require(
+            isinstance(min_size, int) and not isinstance(min_size, bool) and min_size >= 0,
+            "sharding.fsdp_min_size",
+            f"must be an int >= 0, got {min_size!r}",
+        )
     _require(config.optim.name in optim.OPTIMIZERS, "optim.name", f"not in {optim.OPTIMIZERS}")
     _require(
         config.optim.lr_scaling in optim.LR_SCALINGS,
@@ -152,6 +163,7 @@ def model_from_config(config: ml_collections.ConfigDict, *, num_classes: int, **
         input_norm=str(m.get("input_norm", "none")),
         vit_n_last_blocks=int(m.get("vit_n_last_blocks", 1)),
         vit_avgpool=bool(m.get("vit_avgpool", False)),
+        remat=bool(m.get("remat", False)),
     )
     fields.update(overrides)
     return create_model(m.variant, num_classes=num_classes, **fields)

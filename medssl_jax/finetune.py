@@ -105,7 +105,6 @@ def build(
         )
         return {k: v for k, v in batch.items() if k != "image"} | {"logits": out["logits"]}
 
-    eval_jit = jax.jit(eval_step, in_shardings=(repl, repl, data_sh), out_shardings=repl)
     b = int(config.batch_size)
     abstract_batch = {
         "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=data_sh),
@@ -122,6 +121,13 @@ def build(
         init=init,
         abstract_batch=abstract_batch,
         nan_policy=config.get("nan_policy", "stop"),
+        **sharding.fsdp_options(config),
+    )
+    placed = built.state_sharding  # replicated, or split over 'data' with FSDP
+    eval_jit = jax.jit(
+        eval_step,
+        in_shardings=(placed.params, placed.batch_stats, data_sh),
+        out_shardings=repl,
     )
     return built, eval_jit
 

@@ -148,6 +148,7 @@ def build(
         abstract_batch=abstract_batch,
         method=parts,
         nan_policy=config.get("nan_policy", "stop"),
+        **sharding.fsdp_options(config),
     )
 
 
@@ -157,7 +158,7 @@ def warm_start(
     """`parts` of the network from the checkpoint at `path`; the method's state (e.g. DINO's
     teacher) then starts again from the warm-started network, not from the random one."""
     state = ckpt_lib.warm_start(state, path, parts)
-    extra = jax.jit(built.method.init_extra, out_shardings=sharding.replicated(mesh))(
+    extra = jax.jit(built.method.init_extra, out_shardings=built.state_sharding.extra)(
         state.params, state.batch_stats
     )
     return state.replace(extra=extra)

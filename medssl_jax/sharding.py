@@ -1,4 +1,5 @@
-"""Device mesh and shardings: the global batch is split on the 'data' axis, state is replicated."""
+"""Device mesh and shardings: the global batch is split on the 'data' axis; the train state is
+replicated (data parallelism) or, with FSDP, its large arrays are split on 'data' as well."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_MIN_SIZE = 2**14  # arrays with fewer elements stay replicated under FSDP
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -50,6 +52,38 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     }
 
 
+def fsdp_sharding(
+    shape: tuple[int, ...], mesh: Mesh, min_size: int = FSDP_MIN_SIZE
+) -> NamedSharding:
+    """FSDP placement of one array: split over 'data' on its largest dimension divisible by
+    the number of devices on that axis (the last such one on ties); replicated if it has fewer
+    than `min_size` elements, no such dimension, or the axis has a single device."""
+    n = mesh.shape[DATA_AXIS]
+    dims = [(d, i) for i, d in enumerate(shape) if d % n == 0]
+    if n == 1 or not dims or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    _, axis = max(dims)
+    spec = [None] * len(shape)
+    spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def fsdp_options(config: Any) -> dict[str, Any]:
+    """{'fsdp': bool, 'fsdp_min_size': int} from config.sharding (absent: plain data parallel)."""
+    section = config.get("sharding") or {}
+    return {
+        "fsdp": bool(section.get("fsdp", False)),
+        "fsdp_min_size": int(section.get("fsdp_min_size", FSDP_MIN_SIZE)),
+    }
+
+
 def abstract_like(tree: Any, sharding: NamedSharding) -> Any:
     """ShapeDtypeStructs (with sharding) for every leaf: for lowering/AOT compilation."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return abstract_with(tree, jax.tree.map(lambda _: sharding, tree))
+
+
+def abstract_with(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves, each with its own sharding from `shardings`."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

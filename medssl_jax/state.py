@@ -2,7 +2,13 @@
 
 `TrainState.extra` holds what a method keeps besides parameters, BatchNorm statistics and the
 optimiser: DINO's EMA teacher and centre, SwAV's queue. It is a pytree like the rest, so it is
-replicated, donated, checkpointed and restored with no method-specific code.
+sharded, donated, checkpointed and restored with no method-specific code.
+
+Placement (`state_shardings`): replicated on every device (data parallelism), or with FSDP the
+parameters, optimiser state and `extra` split over the 'data' axis array by array
+(`sharding.fsdp_sharding`), BatchNorm statistics and the step replicated. The jitted step takes
+and returns the state in that placement, so XLA gathers the parameters where the forward pass
+needs them and reduce-scatters the gradients; the arithmetic is that of data parallelism.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Built:
     abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
     abstract_batch: dict[str, jax.ShapeDtypeStruct]
     method: Any = None  # pretraining: the methods.base.Parts the step was built from
+    state_sharding: Any = None  # TrainState of NamedShardings (the state's placement)
 
 
 def label_structs(
@@ -86,6 +93,30 @@ def skip_nonfinite(
     return guarded
 
 
+def state_shardings(
+    state: TrainState,
+    mesh: jax.sharding.Mesh,
+    *,
+    fsdp: bool = False,
+    fsdp_min_size: int = sharding.FSDP_MIN_SIZE,
+) -> TrainState:
+    """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): all replicated, or
+    with `fsdp` params / opt_state / extra split over 'data' (see `sharding.fsdp_sharding`).
+    The rule depends on shapes only, so a parameter, its optimiser moments and its EMA copy
+    are split alike."""
+    repl = sharding.replicated(mesh)
+    everywhere = jax.tree.map(lambda _: repl, state)
+    if not fsdp:
+        return everywhere
+
+    def split(tree: Any) -> Any:
+        return jax.tree.map(lambda x: sharding.fsdp_sharding(x.shape, mesh, fsdp_min_size), tree)
+
+    return everywhere.replace(
+        params=split(state.params), opt_state=split(state.opt_state), extra=split(state.extra)
+    )
+
+
 def compile_train(
     model: Any,
     tx: optax.GradientTransformation,
@@ -97,11 +128,17 @@ def compile_train(
     abstract_batch: dict[str, jax.ShapeDtypeStruct],
     method: Any = None,
     nan_policy: str = "stop",
+    fsdp: bool = False,
+    fsdp_min_size: int = sharding.FSDP_MIN_SIZE,
 ) -> Built:
-    """Jits `step` over `mesh` (state replicated and donated, batch sharded on 'data') and
-    the state initialiser; the abstract state allows lowering without allocating anything.
-    nan_policy 'skip' wraps the step in `skip_nonfinite`; 'stop' leaves it to the loop."""
+    """Jits `step` over `mesh` (state donated and placed by `state_shardings`: replicated, or
+    split over 'data' with `fsdp`; batch sharded on 'data') and the state initialiser, which
+    creates the state in that placement; the abstract state allows lowering without
+    allocating anything. nan_policy 'skip' wraps the step in `skip_nonfinite`; 'stop' leaves
+    it to the loop."""
     repl = sharding.replicated(mesh)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    state_sh = state_shardings(shapes, mesh, fsdp=fsdp, fsdp_min_size=fsdp_min_size)
     if nan_policy == "skip":
         step = skip_nonfinite(step)
     return Built(
@@ -110,14 +147,15 @@ def compile_train(
         lr_schedule=lr_schedule,
         step=jax.jit(
             step,
-            in_shardings=(repl, sharding.batch_sharded(mesh)),
-            out_shardings=(repl, repl),
+            in_shardings=(state_sh, sharding.batch_sharded(mesh)),
+            out_shardings=(state_sh, repl),
             donate_argnums=(0,),
         ),
-        init=jax.jit(init, out_shardings=repl),
-        abstract_state=sharding.abstract_like(jax.eval_shape(init, jax.random.key(0)), repl),
+        init=jax.jit(init, out_shardings=state_sh),
+        abstract_state=sharding.abstract_with(shapes, state_sh),
         abstract_batch=abstract_batch,
         method=method,
+        state_sharding=state_sh,
     )
 
 

@@ -56,6 +56,7 @@ class SimCLRModel(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    remat: bool = False  # recompute each backbone block in the backward pass (less memory)
 
     def __post_init__(self) -> None:
         if self.vit and self.vit not in VIT_CONFIGS:
@@ -96,6 +97,7 @@ class SimCLRModel(nn.Module):
                 n_last_blocks=self.vit_n_last_blocks,
                 avgpool=self.vit_avgpool,
                 dtype=self.dtype,
+                remat=self.remat,
                 name="backbone",
             )
         else:
@@ -108,6 +110,7 @@ class SimCLRModel(nn.Module):
                 dtype=self.dtype,
                 bn_momentum=self.bn_momentum,
                 bn_epsilon=self.bn_epsilon,
+                remat=self.remat,
                 name="backbone",
             )
         features = backbone(x, train=body_train)

@@ -301,7 +301,9 @@ class ResNet(nn.Module):
     D = 2048*w (bottleneck) or 512*w (basic). `cifar_stem` replaces the stem by one 3x3
     stride-1 conv without max-pool (SimCLR's CIFAR variant, for tiny images). `torch_maxpool`
     pads the stem's max-pool by 1 on every side (torchvision) instead of SAME (SimCLR), so that
-    converted PyTorch weights (SwAV, DINO) reproduce their network's outputs.
+    converted PyTorch weights (SwAV, DINO) reproduce their network's outputs. `remat` recomputes
+    each residual block's activations in the backward pass (`nn.remat`, one block at a time)
+    instead of keeping them: less memory, one more forward; same variables and same numbers.
     """
 
     depth: int = 50
@@ -312,6 +314,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    remat: bool = False
 
     def __post_init__(self) -> None:
         validate_backbone(self.depth, self.width_multiplier, self.sk_ratio)
@@ -347,6 +350,8 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pool_pad)
 
         block_cls = BottleneckBlock if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+        if self.remat:  # same name= below, so the same variable paths; `train` is static
+            block_cls = nn.remat(block_cls, static_argnums=(2,))  # (self, x, train)
         groups = zip(BLOCK_SIZES[self.depth], GROUP_FILTERS, GROUP_STRIDES, strict=True)
         for g, (num_blocks, filters, strides) in enumerate(groups, start=1):
             for b in range(num_blocks):

@@ -223,7 +223,8 @@ class VisionTransformer(nn.Module):
     `patch_size`; the position embedding, stored for a `ref_grid` x `ref_grid` grid, is resized
     bicubically to (H // patch_size, W // patch_size) when that differs. Inputs are used as
     given (DINO's weights expect ImageNet mean/std normalisation; the pipeline applies it).
-    `dtype` is the compute dtype; parameters are float32.
+    `dtype` is the compute dtype; parameters are float32. `remat` recomputes each block's
+    activations in the backward pass (`nn.remat`), with the same variables and numbers.
     """
 
     dim: int
@@ -235,6 +236,7 @@ class VisionTransformer(nn.Module):
     avgpool: bool = False
     ref_grid: int = 14
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self) -> None:
         for field in ("dim", "depth", "num_heads", "patch_size", "ref_grid"):
@@ -298,8 +300,9 @@ class VisionTransformer(nn.Module):
 
         norm = layer_norm(dtype, "norm")  # shared by every returned block output
         outputs = []
+        block_cls = nn.remat(Block) if self.remat else Block  # same name=, same variables
         for i in range(self.depth):
-            x = Block(d, self.num_heads, self.mlp_ratio, dtype=dtype, name=f"block_{i}")(x)
+            x = block_cls(d, self.num_heads, self.mlp_ratio, dtype=dtype, name=f"block_{i}")(x)
             if self.depth - i <= self.n_last_blocks:
                 outputs.append(norm(x))  # [B, N, D]
 
