@@ -35,6 +35,17 @@ setuptools.setup(
         "safetensors>=0.4",  # medssl_jax.export: framework-neutral weights
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "scikit-learn>=1.4",
+            "ruff>=0.6",
+            # tests/test_aot.py compiles a tiny model for a TPU topology with no TPU attached.
+            # Only Linux x86_64 has libtpu wheels; elsewhere it is not installed and the
+            # test skips. The pin is jax 0.10.2's (jax[tpu]).
+            'libtpu==0.0.42.*; platform_system == "Linux" and platform_machine == "x86_64"',
+        ],
+        # medssl_jax.aot: compile-only TPU client (the TPU compiler; no TPU needed).
+        "tpu-aot": ["libtpu==0.0.42.*"],
     },
 )
