@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from medssl_jax import aot
+from medssl_jax import aot, aot_table
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
@@ -60,8 +60,8 @@ def test_out_of_hbm_compile_error_is_does_not_fit():
     }
     row = aot._oom_row(row, oom, lowered=None, topo=aot.parse_topology("v5e:2x2"), message=msg)
     assert row["fits"] is False and row["hbm_used_bytes"] > row["hbm_capacity_bytes"]
-    assert "DOES NOT FIT" in aot.format_report(row)
-    assert "**no**" in aot.markdown_table([row])
+    assert "DOES NOT FIT" in aot_table.format_report(row)
+    assert "**no**" in aot_table.markdown_table([row])
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,9 @@ def test_tiny_model_compiles_for_a_tpu_topology(tiny_plan):
     assert 0 < row["hbm_used_bytes"] < row["hbm_capacity_bytes"] and row["fits"] is True
     assert row["hbm_temp_bytes"] > 0 and row["params"] > 0
     assert row["roofline_seconds"] > 0 and 0 < row["roofline_mfu"] <= 1
-    report = aot.format_report({**row, "config": "configs/simclr.py:demo"})
+    report = aot_table.format_report({**row, "config": "configs/simclr.py:demo"})
     assert "-> FITS" in report and "FLOPs per step" in report
-    table = aot.markdown_table([{**row, "config": "configs/simclr.py:demo"}])
+    table = aot_table.markdown_table([{**row, "config": "configs/simclr.py:demo"}])
     assert "| simclr.py:demo | v5e-4 (4) | 4 |" in table
     json.dumps(row)  # the --json output
 
