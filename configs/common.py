@@ -223,6 +223,10 @@ def supervised_config(method: str) -> ml_collections.ConfigDict:
     c.num_epochs = 90.0
     c.data.label_fraction = 1.0  # 0.1 = 10% of the training cases' labels (case level, nested)
     c.val_split = "validation"  # best checkpoint chosen here ('' = keep the last step)
+    # Metric the best checkpoint maximises on val_split: '' = balanced_accuracy (multi-class;
+    # top1 rewards predicting the majority class on imbalanced sets such as HAM10000) or
+    # auc_mean (multi-label). Also top1, auc_mean, kappa_quadratic (graded) or accuracy.
+    c.selection_metric = ""
     c.eval_splits = ("validation", "test")
     c.eval_every_steps = 500
     c.graded = False  # True adds quadratic-weighted kappa (graded tasks, e.g. DR grading)

@@ -35,6 +35,7 @@ from medssl_jax import (
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax.case_store import CaseStore
 from medssl_jax.loop import fit
+from medssl_jax.results import write_results
 from medssl_jax.state import Built, TrainState, compile_train, label_structs, make_init
 
 HEAD = "supervised_head"
@@ -190,6 +191,28 @@ def split_metrics(pred: dict[str, np.ndarray], spec, *, graded: bool) -> dict[st
     )
 
 
+SELECTION_METRICS = {
+    "multiclass": ("balanced_accuracy", "top1", "auc_mean", "kappa_quadratic"),
+    "multilabel": ("auc_mean", "accuracy"),
+}
+
+
+def selection_metric(config: ml_collections.ConfigDict, label_kind: str) -> str:
+    """The validation metric the best checkpoint maximises (config.selection_metric, checked
+    against the dataset's label kind before anything is compiled)."""
+    name = str(config.get("selection_metric", "") or SELECTION_METRICS[label_kind][0])
+    allowed = SELECTION_METRICS[label_kind]
+    if name not in allowed:
+        raise config_lib.ConfigError(
+            f"config.selection_metric: {name!r} is not a {label_kind} metric; one of {allowed}"
+        )
+    if name == "kappa_quadratic" and not config.get("graded", False):
+        raise config_lib.ConfigError(
+            "config.selection_metric: kappa_quadratic needs --config.graded=True"
+        )
+    return name
+
+
 def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> None:
     rows = np.asarray(pred["local_index"], np.int64)  # rows of the per-image arrays
     cases, _ = store.locate(rows)
@@ -202,6 +225,7 @@ def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> No
         path,
         case_ids=[s.decode() for s in store.case_ids[cases]],
         image_ids=[s.decode() for s in store.image_ids[rows]],
+        patient_ids=[s.decode() for s in store.patient_ids[cases]],
         labels=labels,
         scores=np.asarray(scores, np.float64),
         class_names=list(store.spec.class_names),
@@ -211,9 +235,7 @@ def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> No
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Fine-tunes (or linear-evaluates) per `config`; writes checkpoints, predictions and
-    `results.json` (schema: medssl_jax.report)."""
-    from medssl_jax import report
-
+    `results.json` (schema: medssl_jax.results)."""
     config_lib.validate(config)
     mesh = sharding.make_mesh()
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
@@ -238,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         s: load(s, "val_split" if s == val_split else "eval_splits") for s in eval_splits
     }
     spec = train_store.spec
+    selection = selection_metric(config, spec.label_kind)
     total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
     logging.info(
         "%s on %s: %d labelled images (fraction %.3g), eval on %s; %d steps",
@@ -266,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     size = int(config.data.image_size)
     graded = bool(config.get("graded", False))
-    best = _BestKeeper(workdir, val_split, spec.label_kind) if val_split else None
+    best = _BestKeeper(workdir, val_split, selection) if val_split else None
     eval_writer = metric_writers.create_default_writer(
         workdir, just_logging=pidx > 0, collection="eval"
     )
@@ -346,9 +369,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "predictions": predictions,
         "train": summary,
         "selected_on": val_split or "last step",
+        "selection_metric": selection if val_split else "",
     }
     if pidx == 0:
-        report.write_results(workdir, results)
+        write_results(workdir, results)
     logging.info("Results: %s/results.json", workdir)
     return results
 
@@ -356,8 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 class _BestKeeper:
     """Keeps the parameters of the best validation step in `workdir/best` (survives resumes)."""
 
-    def __init__(self, workdir: str, split: str, label_kind: str):
-        self.metric = "auc_mean" if label_kind == "multilabel" else "top1"
+    def __init__(self, workdir: str, split: str, metric: str):
+        self.metric = metric
         self.split = split
         self.manager = ocp.CheckpointManager(
             ckpt_lib.orbax_path(workdir) / "best",
@@ -369,6 +393,11 @@ class _BestKeeper:
             meta = self.manager.restore(
                 self.step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             ).meta
+            if meta.get("metric", metric) != metric or meta.get("split", split) != split:
+                raise config_lib.ConfigError(
+                    f"config.selection_metric: {workdir}/best was chosen by {meta.get('split')}/"
+                    f"{meta.get('metric')}, this run asks for {split}/{metric}; use a new workdir"
+                )
             self.value = float(meta["value"])
 
     def offer(self, step: int, m: dict[str, float], state: TrainState) -> None:

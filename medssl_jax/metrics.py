@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "balanced_accuracy",
     "cohen_kappa_quadratic",
     "expected_calibration_error",
     "roc_auc",
@@ -167,6 +168,22 @@ def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
+def balanced_accuracy(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """Mean per-class recall over the classes present in `label` (int [N] each).
+
+    Unlike top-1 it does not reward predicting the majority class: that scores 1 / (number of
+    classes present), as does any constant prediction.
+    """
+    pred = _int_labels("pred", pred, np.asarray(pred).size, num_classes)
+    label = _int_labels("label", label, pred.size, num_classes)
+    if label.size == 0:
+        raise ValueError("balanced_accuracy: no labels")
+    hits = np.bincount(label[pred == label], minlength=num_classes)
+    counts = np.bincount(label, minlength=num_classes)
+    present = counts > 0
+    return float(np.mean(hits[present] / counts[present]))
+
+
 def cohen_kappa_quadratic(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
     """Quadratic-weighted Cohen's kappa of integer grades in [0, num_classes).
 
@@ -240,8 +257,10 @@ def softmax_metrics(
 ) -> dict[str, float]:
     """Multi-class metrics of a whole split from logits [N, K] and integer labels [N].
 
-    Keys: loss (mean softmax cross-entropy), top1, top3 (when K >= 3), auc/<class> (one-vs-rest
-    on softmax probabilities, only for classes with both label values present), auc_mean,
+    Keys: loss (mean softmax cross-entropy), top1, balanced_accuracy (mean per-class recall),
+    majority_top1 (the top-1 of always predicting the split's most frequent class: the chance
+    level to read top1 against), top3 (when K >= 3), auc/<class> (one-vs-rest on softmax
+    probabilities, only for classes with both label values present), auc_mean,
     auc_num_skipped, ece, num_examples, and kappa_quadratic when graded=True (ordinal labels).
     """
     logits = _finite_2d("logits", logits)
@@ -254,6 +273,8 @@ def softmax_metrics(
         "num_examples": float(n),
         "loss": float(-np.mean(log_probs[np.arange(n), labels])),
         "top1": top_k_accuracy(logits, labels, 1),
+        "balanced_accuracy": balanced_accuracy(np.argmax(logits, axis=1), labels, k),
+        "majority_top1": float(np.bincount(labels, minlength=k).max() / n),
     }
     if k >= 3:
         out["top3"] = top_k_accuracy(logits, labels, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,8 +19,30 @@ from medssl_jax import paths
 
 __all__ = ["plot_label_efficiency", "plot_roc_panels", "plot_shift_bars"]
 
-# (mean, std, n) of one metric over seeds.
-Stat = tuple[float, float, int]
+
+class CellLike(Protocol):
+    """A metric over seeds (`medssl_jax.report.Cell`): mean, sd, per-seed values, 95% CI."""
+
+    mean: float
+    std: float
+    values: tuple[float, ...]
+    ci: tuple[float, float] | None
+
+
+def _yerr(cells: Sequence[CellLike]) -> np.ndarray:
+    """[2, N] error bars: the CI where known, else +- the seeds' sd."""
+    lo = [c.mean - (c.ci[0] if c.ci else c.mean - c.std) for c in cells]
+    hi = [(c.ci[1] if c.ci else c.mean + c.std) - c.mean for c in cells]
+    return np.maximum(np.array([lo, hi]), 0.0)
+
+
+def _finish_axis(ax, chance: float | None, values: Sequence[float]) -> None:
+    """Chance level drawn; a [0, 1] metric shown on its whole range (no zoom that makes a
+    chance-level difference look large)."""
+    if chance is not None:
+        ax.axhline(chance, color="black", ls=":", lw=1.0, label=f"chance ({chance:.3f})")
+    if all(0.0 <= v <= 1.0 for v in values):
+        ax.set_ylim(0.0, 1.0)
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -32,25 +55,32 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
 
 def plot_label_efficiency(
     path: str | os.PathLike,
-    series: Mapping[str, Sequence[tuple[float, Stat]]],
+    series: Mapping[str, Sequence[tuple[float, CellLike]]],
     *,
     title: str,
     ylabel: str,
+    chance: float | None = None,
 ) -> None:
-    """Metric vs label fraction (log x), one line per init, error bars = std over seeds.
+    """Metric vs label fraction (log x), one line per init: error bars = 95% CI (sd over seeds
+    where no CI), each seed a dot, the chance level dotted.
 
-    series: init -> [(label_fraction, (mean, std, n)), ...].
+    series: init -> [(label_fraction, cell), ...].
     """
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
     fractions: set[float] = set()
-    for init, points in sorted(series.items()):
-        pts = sorted(points)
+    shown: list[float] = []
+    for i, (init, points) in enumerate(sorted(series.items())):
+        pts = sorted(points, key=lambda p: p[0])
         x = np.array([p[0] for p in pts])
-        mean = np.array([p[1][0] for p in pts])
-        std = np.array([p[1][1] for p in pts])
+        cells = [p[1] for p in pts]
+        mean = np.array([c.mean for c in cells])
         fractions.update(x.tolist())
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
+        ax.errorbar(x, mean, yerr=_yerr(cells), marker="o", capsize=3, label=init, color=f"C{i}")
+        for xi, c in zip(x, cells, strict=True):
+            ax.scatter([xi] * len(c.values), c.values, s=8, color=f"C{i}", alpha=0.5)
+            shown += [*c.values, *(c.ci or ())]
+    _finish_axis(ax, chance, shown)
     ax.set_xscale("log")
     ticks = sorted(fractions)
     ax.set_xticks(ticks)
@@ -98,16 +128,18 @@ def plot_roc_panels(
 
 def plot_shift_bars(
     path: str | os.PathLike,
-    values: Mapping[tuple[str, float, str], Stat],
+    values: Mapping[tuple[str, float, str], CellLike],
     *,
     splits: Sequence[str],
     title: str,
     ylabel: str,
+    chance: Mapping[str, float | None] | None = None,
 ) -> None:
-    """Grouped bars: one group per label fraction, one bar per (init, split), std error bars.
+    """Grouped bars: one group per label fraction, one bar per (init, split), 95% CI error bars
+    (sd where no CI), the chance level of the in-distribution split dotted.
 
-    values: (init, label_fraction, split) -> (mean, std, n); the first split is the
-    in-distribution one (solid), later ones are shifted (hatched).
+    values: (init, label_fraction, split) -> cell; the first split is the in-distribution one
+    (solid), later ones are shifted (hatched).
     """
     inits = sorted({k[0] for k in values})
     fractions = sorted({k[1] for k in values})
@@ -120,18 +152,16 @@ def plot_shift_bars(
     for i, init in enumerate(inits):
         for j, split in enumerate(splits):
             offset = (i * len(splits) + j - (n_bars - 1) / 2) * width
-            xs, means, stds = [], [], []
+            xs, cells = [], []
             for f_idx, frac in enumerate(fractions):
                 if (init, frac, split) in values:
-                    mean, std, _ = values[(init, frac, split)]
                     xs.append(f_idx + offset)
-                    means.append(mean)
-                    stds.append(std)
+                    cells.append(values[(init, frac, split)])
             ax.bar(
                 xs,
-                means,
+                [c.mean for c in cells],
                 width=width,
-                yerr=stds,
+                yerr=_yerr(cells) if cells else None,
                 capsize=2,
                 color=colors[i],
                 hatch=hatches[j % len(hatches)],
@@ -139,6 +169,8 @@ def plot_shift_bars(
                 linewidth=0.5,
                 label=f"{init} / {split}",
             )
+    shown = [v for c in values.values() for v in (*c.values, *(c.ci or ()))]
+    _finish_axis(ax, (chance or {}).get(splits[0]), shown)
     ax.set_xticks(range(len(fractions)))
     ax.set_xticklabels([f"{f:g}" for f in fractions])
     ax.set_xlabel("label fraction")

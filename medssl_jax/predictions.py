@@ -1,6 +1,7 @@
-"""Per-example prediction CSVs: case id, image id, label(s) and one probability per class.
+"""Per-example prediction CSVs: case id, image id, patient id, label(s), one probability per class.
 
-No identifiers beyond the dataset's own case and image ids are written. `read_predictions_csv`
+No identifiers beyond the dataset's own case, image and patient ids are written (the patient id
+is what confidence intervals resample: `medssl_jax.confidence`). `read_predictions_csv`
 reads them back exactly (for reports and ROC curves) with errors naming file, row and column.
 """
 
@@ -26,10 +27,14 @@ class Predictions:
 
     labels: int [N] (multiclass, -1 where masked) or float [N, K] (multilabel, 0 where
     masked); label_mask: bool, same shape as labels; scores: float64 [N, K] probabilities.
+    patient_ids: from the CSV's patient_id column; files written before it existed fall back
+    to the case ids, and `patients_from_cases` says so.
     """
 
     case_ids: list[str]
     image_ids: list[str]
+    patient_ids: list[str]
+    patients_from_cases: bool
     labels: np.ndarray
     label_mask: np.ndarray
     scores: np.ndarray
@@ -56,8 +61,9 @@ def write_predictions_csv(
     scores: np.ndarray,
     class_names: Sequence[str],
     label_mask: np.ndarray | None = None,
+    patient_ids: Sequence | None = None,
 ) -> None:
-    """Write one row per example: case_id, image_id, label column(s), score/<class> columns.
+    """Write one row per example: case_id, image_id, [patient_id], label column(s), score/<class>.
 
     Multiclass: labels int [N] -> one 'label' column (class index). Multilabel: labels [N, K]
     -> 'label/<class>' columns. Entries with label_mask == 0 are left empty. scores are
@@ -81,6 +87,9 @@ def write_predictions_csv(
     mask = mask.astype(bool)
     case_ids = _as_str_ids("case_ids", case_ids, n)
     image_ids = _as_str_ids("image_ids", image_ids, n)
+    ids = [case_ids, image_ids]
+    if patient_ids is not None:
+        ids.append(_as_str_ids("patient_ids", patient_ids, n))
     if multilabel:
         lab = labels.astype(np.float64)
         if not np.all(np.isfinite(lab[mask])):
@@ -89,7 +98,7 @@ def write_predictions_csv(
             [format(v, "g") if m else "" for v, m in zip(row, mrow, strict=True)]
             for row, mrow in zip(lab.tolist(), mask.tolist(), strict=True)
         ]
-        header = ["case_id", "image_id", *[f"label/{c}" for c in names]]
+        header = [f"label/{c}" for c in names]
     else:
         ok = _int_labels("labels (unmasked rows)", labels[mask], int(mask.sum()), k)
         lab = np.full((n,), -1, np.int64)
@@ -97,8 +106,9 @@ def write_predictions_csv(
         label_txt = [
             [str(v) if m else ""] for v, m in zip(lab.tolist(), mask.tolist(), strict=True)
         ]
-        header = ["case_id", "image_id", "label"]
-    header += [f"score/{c}" for c in names]
+        header = ["label"]
+    id_cols = ["case_id", "image_id"] + (["patient_id"] if patient_ids is not None else [])
+    header = id_cols + header + [f"score/{c}" for c in names]
     # Shortest text that round-trips the scores' own float dtype (float32 stays short).
     dtype = raw.dtype if raw.dtype in (np.float32, np.float64) else np.float64
     score_txt = scores.astype(dtype).astype(str)
@@ -106,7 +116,7 @@ def write_predictions_csv(
     w = csv.writer(buf)
     w.writerow(header)
     for i in range(n):
-        w.writerow([case_ids[i], image_ids[i], *label_txt[i], *score_txt[i].tolist()])
+        w.writerow([*(col[i] for col in ids), *label_txt[i], *score_txt[i].tolist()])
     paths.path(path).write_bytes(buf.getvalue().encode("utf-8"))  # local, gs://, ...
 
 
@@ -131,7 +141,9 @@ def read_predictions_csv(path: str | os.PathLike) -> Predictions:
             raise ValueError(f"{path}: label columns {label_names} differ from scores {names}")
     elif len(label_cols) != 1:
         raise ValueError(f"{path}: expected one 'label' column or label/<class> columns")
-    if len(label_cols) + len(score_cols) + 2 != len(header):
+    with_patients = len(header) > 2 and header[2] == "patient_id"
+    n_ids = 3 if with_patients else 2
+    if len(label_cols) + len(score_cols) + n_ids != len(header):
         raise ValueError(f"{path}: unexpected columns in header {header}")
     body = rows[1:]
     n, k = len(body), len(names)
@@ -164,9 +176,16 @@ def read_predictions_csv(path: str | os.PathLike) -> Predictions:
             else:
                 labels[r] = parse(row_no, col, row[col], int)
                 mask[r] = True
+    case_ids = [row[0] for row in body]
+    if with_patients:
+        empty = [r + 2 for r, row in enumerate(body) if not row[2]]
+        if empty:
+            raise ValueError(f"{path}: row {empty[0]}, column 'patient_id': empty")
     return Predictions(
-        case_ids=[row[0] for row in body],
+        case_ids=case_ids,
         image_ids=[row[1] for row in body],
+        patient_ids=[row[2] for row in body] if with_patients else case_ids,
+        patients_from_cases=not with_patients,
         labels=labels,
         label_mask=mask,
         scores=scores,

@@ -2,229 +2,206 @@
 
 Usage: python -m medssl_jax.report DIR [DIR ...] [--out OUT_DIR] [--metric top1 ...]
 
-Each DIR is a run folder holding `results.json` (schema: `ResultsJson`) or a sweep folder
-searched recursively. The report has one table per (dataset, kind): rows init x label
-fraction, columns metric per split as mean +- std over seeds (n = number of seeds), plus
-label-efficiency curves, in-distribution vs shifted bars, and per-class ROC curves of the best
-run of each init (read from the prediction CSVs).
+Each DIR is a run folder holding `results.json` (schema: `medssl_jax.results`) or a sweep
+folder searched recursively. One table per (dataset, kind): rows init x label fraction (plus
+the chance level), columns metric per split. A cell is the mean over seeds, its 95% confidence
+interval from resampling PATIENTS of the prediction CSVs (`medssl_jax.confidence`), and the
+spread over seeds (sd, n). Plots: label-efficiency curves and in-distribution vs shifted bars
+with CI error bars, the seeds as dots and the chance level drawn; per-class ROC curves of one
+run per init, chosen on the VALIDATION split (nothing anywhere is chosen on a test split).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TypedDict
 
 import numpy as np
 
-from medssl_jax import metrics, paths, plots, predictions
+from medssl_jax import confidence, metrics, paths, plots, predictions
 from medssl_jax.paths import Path  # epath: local, gs://, ...
+from medssl_jax.results import (  # noqa: F401 (the report's public names)
+    RESULTS_FILENAME,
+    SHIFT_PREFIX,
+    ResultsError,
+    ResultsJson,
+    Run,
+    load_runs,
+    validate_results,
+    write_results,
+)
 
 __all__ = [
-    "RESULTS_FILENAME",
-    "ResultsError",
-    "ResultsJson",
-    "Run",
+    "Cell",
     "aggregate",
     "build_report",
-    "load_runs",
+    "choose_run",
+    "default_metrics",
     "main",
-    "validate_results",
-    "write_results",
 ]
 
-RESULTS_FILENAME = "results.json"
-KINDS = ("finetune", "linear_eval", "pretrain")
-LABEL_KINDS = ("multiclass", "multilabel")
-SHIFT_PREFIX = "test_"  # splits named test_* (e.g. test_shifted) are compared with "test"
+VALIDATION_SPLITS = ("validation", "valid", "val")
 
 
-class _ResultsRequired(TypedDict):
-    kind: str  # one of KINDS
-    name: str  # run name
-    dataset: str  # e.g. "derm", "chexpert"
-    label_kind: str  # one of LABEL_KINDS
-    init: str  # pretraining used: "micle", "simclr", "scratch", "imagenet_simclr", ...
-    label_fraction: float  # in (0, 1]
-    seed: int
-    step: int  # training step the metrics were taken at
-    class_names: list[str]
-    splits: dict[str, dict[str, float]]  # split -> metric name -> value
-
-
-class ResultsJson(_ResultsRequired, total=False):
-    """Schema of results.json written by fine-tuning / linear evaluation.
-
-    `predictions` maps a split to its prediction CSV (see predictions.write_predictions_csv),
-    relative to the results folder. Pretraining runs (kind == "pretrain") may carry other keys
-    and are skipped by the report.
-    """
-
-    predictions: dict[str, str]
-
-
-# field -> (accepted types, description) for the error messages.
-_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "kind": ((str,), f"one of {KINDS}"),
-    "name": ((str,), "run name"),
-    "dataset": ((str,), "dataset name"),
-    "label_kind": ((str,), f"one of {LABEL_KINDS}"),
-    "init": ((str,), "pretraining used, e.g. 'micle'"),
-    "label_fraction": ((int, float), "number in (0, 1]"),
-    "seed": ((int,), "integer"),
-    "step": ((int,), "integer >= 0"),
-    "class_names": ((list,), "list of class names"),
-    "splits": ((dict,), "object split -> {metric: number}"),
-}
-
-
-class ResultsError(ValueError):
-    """A results.json (or a prediction CSV it names) is missing, malformed or inconsistent."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One validated results.json and the folder it lives in."""
-
-    source: Path  # the results.json file
-    results: ResultsJson
-
-    @property
-    def folder(self) -> Path:
-        return self.source.parent
-
-    def metric(self, split: str, name: str) -> float | None:
-        value = self.results["splits"].get(split, {}).get(name)
-        return None if value is None or not math.isfinite(value) else float(value)
-
-
-def validate_results(obj: object, source: str | os.PathLike) -> ResultsJson:
-    """Check a parsed results.json against ResultsJson; errors name the file and the field."""
-    if not isinstance(obj, dict):
-        raise ResultsError(f"{source}: top level must be a JSON object, got {type(obj).__name__}")
-    kind = obj.get("kind")
-    if kind not in KINDS:
-        raise ResultsError(f"{source}: field 'kind' must be one of {KINDS}, got {kind!r}")
-    if kind == "pretrain":
-        return obj  # type: ignore[return-value]
-    for field, (types, what) in _FIELDS.items():
-        if field not in obj:
-            raise ResultsError(f"{source}: missing field '{field}' ({what})")
-        value = obj[field]
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise ResultsError(f"{source}: field '{field}' must be {what}, got {value!r}")
-    if obj["label_kind"] not in LABEL_KINDS:
-        raise ResultsError(f"{source}: field 'label_kind' must be one of {LABEL_KINDS}")
-    if not 0 < obj["label_fraction"] <= 1:
-        raise ResultsError(f"{source}: field 'label_fraction' must be in (0, 1]")
-    names = obj["class_names"]
-    if (
-        not names
-        or not all(isinstance(c, str) and c for c in names)
-        or len(set(names)) != len(names)
-    ):
-        raise ResultsError(f"{source}: field 'class_names' must be unique non-empty strings")
-    if not obj["splits"]:
-        raise ResultsError(f"{source}: field 'splits' is empty")
-    for split, values in obj["splits"].items():
-        if not isinstance(values, dict):
-            raise ResultsError(f"{source}: field 'splits.{split}' must be an object")
-        for name, v in values.items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ResultsError(f"{source}: field 'splits.{split}.{name}' must be a number")
-    preds = obj.get("predictions", {})
-    if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
-        raise ResultsError(f"{source}: field 'predictions' must map split -> CSV path")
-    for split, rel in preds.items():
-        if not (paths.path(source).parent / rel).is_file():
-            raise ResultsError(f"{source}: field 'predictions.{split}': file {rel!r} not found")
-    return obj  # type: ignore[return-value]
-
-
-def write_results(folder: str | os.PathLike, results: ResultsJson) -> Path:
-    """Validate and write `folder/results.json` (the writer side of the schema)."""
-    path = paths.path(folder) / RESULTS_FILENAME
-    validate_results(results, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic locally; object stores have no partial objects
-    return path
-
-
-def load_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[str]]:
-    """Find and validate every results.json under dirs; returns (runs, notes for the report)."""
-    files: list[Path] = []
-    for d in dirs:
-        d = paths.path(d)
-        if not d.is_dir():
-            raise ResultsError(f"{d}: not a directory")
-        found = sorted(
-            paths.path(root) / RESULTS_FILENAME
-            for root, _, names in d.walk()
-            if RESULTS_FILENAME in names
-        )
-        if not found:
-            raise ResultsError(f"{d}: no {RESULTS_FILENAME} found (searched recursively)")
-        files.extend(found)
-    notes: list[str] = []
-    by_key: dict[tuple, Run] = {}
-    for f in dict.fromkeys(_canonical(p) for p in files):
-        try:
-            obj = json.loads(f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ResultsError(f"{f}: invalid JSON ({e})") from None
-        res = validate_results(obj, f)
-        if res["kind"] == "pretrain":
-            notes.append(f"skipped pretraining run `{f}`")
-            continue
-        run = Run(f, res)
-        key = (res["dataset"], res["kind"], res["init"], float(res["label_fraction"]), res["seed"])
-        if key in by_key:
-            old = by_key[key]
-            keep, drop = (run, old) if res["step"] > old.results["step"] else (old, run)
-            notes.append(f"duplicate run for {key}: kept `{keep.source}`, ignored `{drop.source}`")
-            by_key[key] = keep
-        else:
-            by_key[key] = run
-    runs = list(by_key.values())
-    return runs, notes
-
-
-def _canonical(p: Path) -> Path:
-    """One name per file (symlinks and `..` resolved) for local paths; URLs as they are."""
-    return p if paths.is_remote(p) else paths.path(os.path.realpath(p))
+def default_metrics(label_kind: str) -> list[str]:
+    """Top-1 never alone: on imbalanced sets (HAM10000 is 67% one class) it hides a model that
+    predicts the majority class, which balanced accuracy and AUC expose."""
+    return ["top1", "balanced_accuracy", "auc_mean"] if label_kind == "multiclass" else ["auc_mean"]
 
 
 # ----------------------------------------------------------------------------- aggregation
 
 
-def _stat(values: list[float]) -> plots.Stat:
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return float(arr.mean()), std, int(arr.size)
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One table cell: a metric on a split for one (init, label fraction) over its seeds."""
+
+    mean: float
+    std: float  # over seeds (ddof=1); 0 for one seed
+    values: tuple[float, ...]  # one per seed
+    ci: tuple[float, float] | None = None  # 95% patient-bootstrap CI of the seed-mean
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
 
 
-def aggregate(runs: Sequence[Run], split: str, metric: str) -> dict[tuple[str, float], plots.Stat]:
-    """(init, label_fraction) -> (mean, std over seeds (ddof=1), n) of one metric on one split."""
+def aggregate(runs: Sequence[Run], split: str, metric: str) -> dict[tuple[str, float], Cell]:
+    """(init, label_fraction) -> Cell (mean and sd over seeds, no CI) of one metric on a split."""
     acc: dict[tuple[str, float], list[float]] = defaultdict(list)
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r.results["seed"]):
         v = r.metric(split, metric)
         if v is not None:
             acc[(r.results["init"], float(r.results["label_fraction"]))].append(v)
-    return {k: _stat(v) for k, v in acc.items()}
+    return {k: _cell(v) for k, v in acc.items()}
 
 
-def _score(run: Run, split: str, metric: str) -> float:
-    v = run.metric(split, metric)
-    return -math.inf if v is None else v
+def _cell(values: list[float], ci: tuple[float, float] | None = None) -> Cell:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return Cell(float(arr.mean()), std, tuple(float(v) for v in arr), ci)
+
+
+class _Predictions:
+    """Prediction CSVs read once per report (several metrics and plots use each)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], predictions.Predictions] = {}
+
+    def get(self, run: Run, split: str) -> predictions.Predictions | None:
+        rel = run.results.get("predictions", {}).get(split)
+        if rel is None:
+            return None
+        key = (str(run.source), split)
+        if key not in self._cache:
+            csv_path = run.folder / rel
+            try:
+                pred = predictions.read_predictions_csv(csv_path)
+            except ValueError as e:
+                raise ResultsError(
+                    f"{run.source}: prediction CSV for split '{split}': {e}"
+                ) from None
+            if list(pred.class_names) != list(run.results["class_names"]):
+                raise ResultsError(
+                    f"{run.source}: {csv_path} classes {pred.class_names} differ from class_names"
+                )
+            self._cache[key] = pred
+        return self._cache[key]
+
+
+def _with_ci(
+    cells: dict[tuple[str, float], Cell],
+    runs: Sequence[Run],
+    split: str,
+    metric: str,
+    preds: _Predictions,
+    replicates: int,
+    notes: set[str],
+) -> dict[tuple[str, float], Cell]:
+    """The cells with their patient-bootstrap CI, where every seed has a prediction CSV."""
+    if replicates <= 0 or not confidence.supports(metric):
+        return cells
+    out = {}
+    for key, cell in cells.items():
+        members = [
+            r
+            for r in runs
+            if (r.results["init"], float(r.results["label_fraction"])) == key
+            and r.metric(split, metric) is not None
+        ]
+        loaded = [preds.get(r, split) for r in members]
+        ci = None
+        if loaded and all(p is not None for p in loaded):
+            if any(p.patients_from_cases for p in loaded):
+                notes.add(
+                    "some prediction CSVs have no patient_id column: their CIs resample cases"
+                )
+            try:
+                point, lo, hi = confidence.bootstrap_ci(loaded, metric, num_replicates=replicates)
+                ci = (lo, hi) if math.isfinite(lo) else None
+                if abs(point - cell.mean) > 1e-3:
+                    notes.add(
+                        f"{metric} on {split} ({key[0]}, {key[1]:g}): the prediction CSVs give "
+                        f"{point:.4f}, results.json {cell.mean:.4f}; the CI is the CSVs'"
+                    )
+            except ValueError as e:
+                notes.add(f"no CI for {metric} on {split} ({key[0]}, {key[1]:g}): {e}")
+        out[key] = dataclasses.replace(cell, ci=ci)
+    return out
+
+
+def chance_level(runs: Sequence[Run], split: str, metric: str, preds: _Predictions) -> float | None:
+    """What a model without information scores: AUC 0.5, kappa 0, balanced accuracy 1 / classes
+    present, top-1 the majority-class rate of the split (labels of any run's predictions)."""
+    if metric == "auc_mean" or metric.startswith("auc/"):
+        return 0.5
+    if metric == "kappa_quadratic":
+        return 0.0
+    for r in runs:
+        p = preds.get(r, split)
+        if p is None:
+            continue
+        if p.multilabel:
+            if metric != "accuracy":
+                return None
+            y, m = p.labels > 0.5, p.label_mask
+            pos = (y & m).sum(0)
+            return float(np.maximum(pos, m.sum(0) - pos).sum() / m.sum())
+        counts = np.bincount(p.labels[p.label_mask], minlength=len(p.class_names))
+        if metric == "top1":
+            return float(counts.max() / counts.sum())
+        if metric == "balanced_accuracy":
+            return 1.0 / int((counts > 0).sum())
+        return None
+    if metric == "top1":
+        found = [r.metric(split, "majority_top1") for r in runs]
+        found = [v for v in found if v is not None]
+        return found[0] if found else None
+    return None
+
+
+def _decimals(cell: Cell) -> int:
+    """Down to the first significant digit of the CI half-width (2-4 decimals)."""
+    if cell.ci is None:
+        return 3
+    half = (cell.ci[1] - cell.ci[0]) / 2
+    return 4 if half <= 0 else int(min(4, max(2, -math.floor(math.log10(half)))))
+
+
+def _fmt(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    d = _decimals(cell)
+    text = f"{cell.mean:.{d}f}"
+    if cell.ci is not None:
+        text += f" [{cell.ci[0]:.{d}f}, {cell.ci[1]:.{d}f}]"
+    return text + (f"; sd {cell.std:.{d}f} (n={cell.n})" if cell.n > 1 else " (n=1)")
 
 
 def _split_order(splits: set[str]) -> list[str]:
@@ -233,33 +210,35 @@ def _split_order(splits: set[str]) -> list[str]:
             return 0, s
         if s.startswith(SHIFT_PREFIX):
             return 1, s
-        return (2, s) if s in ("validation", "valid", "val") else (3, s)
+        return (2, s) if s in VALIDATION_SPLITS else (3, s)
 
     return sorted(splits, key=key)
-
-
-def _fmt(stat: plots.Stat | None) -> str:
-    if stat is None:
-        return "–"
-    mean, std, n = stat
-    return f"{mean:.4f} (n=1)" if n == 1 else f"{mean:.4f} ± {std:.4f} (n={n})"
 
 
 def _slug(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts)).strip("_")
 
 
-def _roc_curves(run: Run, split: str) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
-    """Per-class ROC curves of one run's prediction CSV (one-vs-rest or per condition)."""
-    csv_path = run.folder / run.results["predictions"][split]
-    try:
-        pred = predictions.read_predictions_csv(csv_path)
-    except ValueError as e:
-        raise ResultsError(f"{run.source}: prediction CSV for split '{split}': {e}") from None
-    if list(pred.class_names) != list(run.results["class_names"]):
-        raise ResultsError(
-            f"{run.source}: {csv_path} classes {pred.class_names} differ from class_names"
-        )
+def choose_run(cands: Sequence[Run], metric_order: Sequence[str]) -> tuple[Run, str]:
+    """One run to show (e.g. ROC curves): the best on the validation split by the first metric
+    of `metric_order` that some candidate has there, ties to the lower seed; without any
+    validation score, the largest label fraction's lowest seed (fixed in advance). Never looks
+    at a test split. Returns (run, how it was chosen)."""
+    for metric in metric_order:
+        for split in VALIDATION_SPLITS:
+            scored = [r for r in cands if r.metric(split, metric) is not None]
+            if scored:
+                best = max(scored, key=lambda r: (r.metric(split, metric), -r.results["seed"]))
+                return best, f"best {split} {metric} = {best.metric(split, metric):.4f}"
+    first = min(cands, key=lambda r: (-float(r.results["label_fraction"]), r.results["seed"]))
+    return first, "no validation score: largest label fraction, lowest seed"
+
+
+def _roc_curves(run: Run, split: str, preds: _Predictions | None = None):
+    """Per-class ROC curves [(class, fpr, tpr, auc)] of one run's prediction CSV."""
+    pred = (preds or _Predictions()).get(run, split)
+    if pred is None:
+        raise ResultsError(f"{run.source}: no prediction CSV for split '{split}'")
     curves = []
     for c, name in enumerate(pred.class_names):
         if pred.multilabel:
@@ -280,32 +259,49 @@ def _roc_curves(run: Run, split: str) -> list[tuple[str, np.ndarray, np.ndarray,
 
 
 def _group_section(
-    runs: list[Run], out_dir: Path, metric_names: Sequence[str] | None, written: list[Path]
+    runs: list[Run],
+    out_dir: Path,
+    metric_names: Sequence[str] | None,
+    written: list[Path],
+    replicates: int,
 ) -> list[str]:
     """Markdown lines (table + plots) for runs sharing dataset, kind and label kind."""
     r0 = runs[0].results
     dataset, kind, label_kind = r0["dataset"], r0["kind"], r0["label_kind"]
-    default = "top1" if label_kind == "multiclass" else "auc_mean"
-    wanted = list(metric_names) if metric_names else [default]
+    wanted = list(metric_names) if metric_names else default_metrics(label_kind)
     splits = _split_order({s for r in runs for s in r.results["splits"]})
+    preds = _Predictions()
+    notes: set[str] = set()
     lines = [f"## {dataset} / {kind} ({label_kind})", ""]
-    lines.append(f"{len(runs)} runs; cells are mean ± std over seeds (n = number of seeds).")
+    lines.append(
+        f"{len(runs)} runs. A cell is the mean over seeds, [its 95% CI from resampling "
+        f"patients ({replicates} replicates)], and the seeds' sd (n = number of seeds)."
+    )
     lines.append("")
     cols = [(m, s) for m in wanted for s in splits]
-    table = {c: aggregate(runs, c[1], c[0]) for c in cols}
+    table = {}
+    for m, s in cols:
+        table[(m, s)] = _with_ci(aggregate(runs, s, m), runs, s, m, preds, replicates, notes)
     present = [c for c in cols if table[c]]
-    missing = sorted({m for m in wanted} - {m for m, _ in present})
+    missing = sorted(set(wanted) - {m for m, _ in present})
     if missing:
         lines += [f"Metric(s) not found in any split: {', '.join(missing)}.", ""]
     if not present:
         return lines
+    chance = {c: chance_level(runs, c[1], c[0], preds) for c in present}
     rows = sorted({k for c in present for k in table[c]})
     lines.append("| init | label fraction | " + " | ".join(f"{s} {m}" for m, s in present) + " |")
     lines.append("|---|---:|" + "---:|" * len(present))
     for init, frac in rows:
         cells = [_fmt(table[c].get((init, frac))) for c in present]
         lines.append(f"| {init} | {frac:g} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| chance | – | "
+        + " | ".join("–" if chance[c] is None else f"{chance[c]:.3f}" for c in present)
+        + " |"
+    )
     lines.append("")
+    lines += [f"- {n}" for n in sorted(notes)] + ([""] if notes else [])
 
     def add_png(name: str, caption: str) -> None:
         written.append(out_dir / name)
@@ -313,53 +309,59 @@ def _group_section(
 
     for m, s in present:
         series: dict[str, list] = defaultdict(list)
-        for (init, frac), stat in table[(m, s)].items():
-            series[init].append((frac, stat))
+        for (init, frac), cell in table[(m, s)].items():
+            series[init].append((frac, cell))
         name = _slug("label_efficiency", dataset, kind, s, m) + ".png"
         title = f"{dataset} {kind}: {m} on {s}"
-        plots.plot_label_efficiency(out_dir / name, series, title=title, ylabel=m)
+        plots.plot_label_efficiency(
+            out_dir / name, series, title=title, ylabel=m, chance=chance[(m, s)]
+        )
         add_png(name, f"label efficiency {m} {s}")
 
     shifted = [s for s in splits if s.startswith(SHIFT_PREFIX)]
     if "test" in splits and shifted:
         for m in wanted:
             values = {
-                (init, frac, s): stat
+                (init, frac, s): cell
                 for s in ["test", *shifted]
-                for (init, frac), stat in table.get((m, s), {}).items()
+                for (init, frac), cell in table.get((m, s), {}).items()
             }
             if not any(k[2] != "test" for k in values) or not any(k[2] == "test" for k in values):
                 continue
             name = _slug("shift", dataset, kind, m) + ".png"
             title = f"{dataset} {kind}: {m}, in-distribution vs shifted"
             plots.plot_shift_bars(
-                out_dir / name, values, splits=["test", *shifted], title=title, ylabel=m
+                out_dir / name,
+                values,
+                splits=["test", *shifted],
+                title=title,
+                ylabel=m,
+                chance={s: chance.get((m, s)) for s in ["test", *shifted]},
             )
             add_png(name, f"in-distribution vs shifted {m}")
 
+    # What the runs' checkpoints were chosen by, then the defaults (older results lack it).
+    chosen_by = [r.results.get("selection_metric") for r in runs]
+    select_on = [m for m in dict.fromkeys(chosen_by) if m]
+    select_on += ["balanced_accuracy", "auc_mean", "top1"]
     pred_splits = _split_order({s for r in runs for s in r.results.get("predictions", {})})
     for s in pred_splits:
         panels = []
         for init in sorted({r.results["init"] for r in runs}):
-            cands = [
-                r
-                for r in runs
-                if r.results["init"] == init and s in r.results.get("predictions", {})
-            ]
+            cands = [r for r in runs if r.results["init"] == init and preds.get(r, s) is not None]
             if not cands:
                 continue
-            best = max(cands, key=lambda r, s=s: _score(r, s, wanted[0]))
+            best, why = choose_run(cands, select_on)
             rb = best.results
             title = f"{init} (fraction {rb['label_fraction']:g}, seed {rb['seed']})"
-            panels.append((title, _roc_curves(best, s)))
-            best_value = _score(best, s, wanted[0])
+            panels.append((title, _roc_curves(best, s, preds)))
             lines.append(
                 f"- ROC `{s}` for {init}: run `{rb['name']}` (fraction "
-                f"{rb['label_fraction']:g}, seed {rb['seed']}, {wanted[0]} = {best_value:.4f})"
+                f"{rb['label_fraction']:g}, seed {rb['seed']}; {why})"
             )
         lines.append("")
         name = _slug("roc", dataset, kind, s) + ".png"
-        title = f"{dataset} {kind}: per-class ROC on {s}, best run (by {wanted[0]}) of each init"
+        title = f"{dataset} {kind}: per-class ROC on {s}, one run per init (chosen on validation)"
         plots.plot_roc_panels(out_dir / name, panels, title=title)
         add_png(name, f"ROC curves {s}")
     return lines
@@ -369,10 +371,13 @@ def build_report(
     dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     metric_names: Sequence[str] | None = None,
+    *,
+    bootstrap: int = 1000,
 ) -> list[Path]:
     """Write report.md and PNGs for the results under dirs; returns the paths written.
 
-    metric_names defaults to top1 (multiclass) or auc_mean (multilabel) per group.
+    metric_names defaults to `default_metrics(label_kind)` per group; bootstrap is the number
+    of patient-resampling replicates per CI (0: no CIs).
     """
     runs, notes = load_runs(dirs)
     out = paths.path(out_dir if out_dir is not None else dirs[0])
@@ -387,7 +392,7 @@ def build_report(
     for r in runs:
         groups[(r.results["dataset"], r.results["kind"], r.results["label_kind"])].append(r)
     for key in sorted(groups):
-        lines += _group_section(groups[key], out, metric_names, written)
+        lines += _group_section(groups[key], out, metric_names, written, bootstrap)
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return [report, *written]
@@ -405,11 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--metric",
         action="append",
         default=None,
-        help="metric to tabulate and plot (repeatable); default top1 or auc_mean",
+        help="metric to tabulate and plot (repeatable); default top1, balanced_accuracy and "
+        "auc_mean (multi-class) or auc_mean (multi-label)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="patient-resampling replicates per 95%% CI (0: no CIs)",
     )
     args = parser.parse_args(argv)
     try:
-        paths = build_report(args.dirs, args.out, args.metric)
+        paths = build_report(args.dirs, args.out, args.metric, bootstrap=args.bootstrap)
     except ResultsError as e:
         parser.error(str(e))
     for p in paths:

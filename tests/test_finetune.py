@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import checkpoint, finetune, sharding, train
+from medssl_jax import checkpoint, config_lib, finetune, sharding, train
 from tests.utils import ROOT  # (also puts configs/ on sys.path)
 
 
@@ -117,6 +117,32 @@ def test_end_to_end_linear_eval_from_checkpoint(tmp_path, pretrained_dir, tfds_d
     assert len(pred.case_ids) == saved["splits"]["validation"]["num_examples"]
     np.testing.assert_allclose(pred.scores.sum(1), 1.0, atol=1e-5)
     assert res["selected_on"] == "validation"
+    # The best step was chosen by balanced accuracy (the multi-class default), and the CSV
+    # carries the patients the report's confidence intervals resample.
+    assert saved["selection_metric"] == "balanced_accuracy"
+    assert not pred.patients_from_cases
+    assert pred.patient_ids == [c.split("_L")[0] for c in pred.case_ids]  # demo: P00012_L1
+    assert len(set(pred.patient_ids)) < len(set(pred.case_ids))  # some patients have 2+ cases
+    assert 0 <= saved["splits"]["validation"]["balanced_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    "label_kind, field, message",
+    [
+        ("multiclass", "accuracy", "not a multiclass metric"),
+        ("multilabel", "top1", "not a multilabel metric"),
+        ("multiclass", "kappa_quadratic", "needs --config.graded=True"),
+    ],
+)
+def test_selection_metric_is_checked_against_the_label_kind(label_kind, field, message):
+    c = _config("finetune")
+    c.selection_metric = field
+    with pytest.raises(config_lib.ConfigError, match=f"config.selection_metric: .*{message}"):
+        finetune.selection_metric(c, label_kind)
+    c.selection_metric = ""
+    assert finetune.selection_metric(c, label_kind) == (
+        "balanced_accuracy" if label_kind == "multiclass" else "auc_mean"
+    )
 
 
 def test_warm_start_rejects_mismatched_architecture(tmp_path, pretrained_dir):

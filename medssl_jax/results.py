@@ -1,0 +1,186 @@
+"""results.json: the schema fine-tuning and linear evaluation write, its validation (errors
+name the file and the field), and loading every run under some folders (for the report)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import TypedDict
+
+from medssl_jax import paths
+from medssl_jax.paths import Path  # epath: local, gs://, ...
+
+__all__ = [
+    "RESULTS_FILENAME",
+    "ResultsError",
+    "ResultsJson",
+    "Run",
+    "load_runs",
+    "validate_results",
+    "write_results",
+]
+
+RESULTS_FILENAME = "results.json"
+KINDS = ("finetune", "linear_eval", "pretrain")
+LABEL_KINDS = ("multiclass", "multilabel")
+SHIFT_PREFIX = "test_"  # splits named test_* (e.g. test_shifted) are compared with "test"
+
+
+class _ResultsRequired(TypedDict):
+    kind: str  # one of KINDS
+    name: str  # run name
+    dataset: str  # e.g. "derm", "chexpert"
+    label_kind: str  # one of LABEL_KINDS
+    init: str  # pretraining used: "micle", "simclr", "scratch", "imagenet_simclr", ...
+    label_fraction: float  # in (0, 1]
+    seed: int
+    step: int  # training step the metrics were taken at
+    class_names: list[str]
+    splits: dict[str, dict[str, float]]  # split -> metric name -> value
+
+
+class ResultsJson(_ResultsRequired, total=False):
+    """Schema of results.json written by fine-tuning / linear evaluation.
+
+    `predictions` maps a split to its prediction CSV (see predictions.write_predictions_csv),
+    relative to the results folder. Pretraining runs (kind == "pretrain") may carry other keys
+    and are skipped by the report.
+    """
+
+    predictions: dict[str, str]
+
+
+# field -> (accepted types, description) for the error messages.
+_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "kind": ((str,), f"one of {KINDS}"),
+    "name": ((str,), "run name"),
+    "dataset": ((str,), "dataset name"),
+    "label_kind": ((str,), f"one of {LABEL_KINDS}"),
+    "init": ((str,), "pretraining used, e.g. 'micle'"),
+    "label_fraction": ((int, float), "number in (0, 1]"),
+    "seed": ((int,), "integer"),
+    "step": ((int,), "integer >= 0"),
+    "class_names": ((list,), "list of class names"),
+    "splits": ((dict,), "object split -> {metric: number}"),
+}
+
+
+class ResultsError(ValueError):
+    """A results.json (or a prediction CSV it names) is missing, malformed or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One validated results.json and the folder it lives in."""
+
+    source: Path  # the results.json file
+    results: ResultsJson
+
+    @property
+    def folder(self) -> Path:
+        return self.source.parent
+
+    def metric(self, split: str, name: str) -> float | None:
+        value = self.results["splits"].get(split, {}).get(name)
+        return None if value is None or not math.isfinite(value) else float(value)
+
+
+def validate_results(obj: object, source: str | os.PathLike) -> ResultsJson:
+    """Check a parsed results.json against ResultsJson; errors name the file and the field."""
+    if not isinstance(obj, dict):
+        raise ResultsError(f"{source}: top level must be a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        raise ResultsError(f"{source}: field 'kind' must be one of {KINDS}, got {kind!r}")
+    if kind == "pretrain":
+        return obj  # type: ignore[return-value]
+    for field, (types, what) in _FIELDS.items():
+        if field not in obj:
+            raise ResultsError(f"{source}: missing field '{field}' ({what})")
+        value = obj[field]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ResultsError(f"{source}: field '{field}' must be {what}, got {value!r}")
+    if obj["label_kind"] not in LABEL_KINDS:
+        raise ResultsError(f"{source}: field 'label_kind' must be one of {LABEL_KINDS}")
+    if not 0 < obj["label_fraction"] <= 1:
+        raise ResultsError(f"{source}: field 'label_fraction' must be in (0, 1]")
+    names = obj["class_names"]
+    if (
+        not names
+        or not all(isinstance(c, str) and c for c in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ResultsError(f"{source}: field 'class_names' must be unique non-empty strings")
+    if not obj["splits"]:
+        raise ResultsError(f"{source}: field 'splits' is empty")
+    for split, values in obj["splits"].items():
+        if not isinstance(values, dict):
+            raise ResultsError(f"{source}: field 'splits.{split}' must be an object")
+        for name, v in values.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ResultsError(f"{source}: field 'splits.{split}.{name}' must be a number")
+    preds = obj.get("predictions", {})
+    if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
+        raise ResultsError(f"{source}: field 'predictions' must map split -> CSV path")
+    for split, rel in preds.items():
+        if not (paths.path(source).parent / rel).is_file():
+            raise ResultsError(f"{source}: field 'predictions.{split}': file {rel!r} not found")
+    return obj  # type: ignore[return-value]
+
+
+def write_results(folder: str | os.PathLike, results: ResultsJson) -> Path:
+    """Validate and write `folder/results.json` (the writer side of the schema)."""
+    path = paths.path(folder) / RESULTS_FILENAME
+    validate_results(results, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic locally; object stores have no partial objects
+    return path
+
+
+def load_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[str]]:
+    """Find and validate every results.json under dirs; returns (runs, notes for the report)."""
+    files: list[Path] = []
+    for d in dirs:
+        d = paths.path(d)
+        if not d.is_dir():
+            raise ResultsError(f"{d}: not a directory")
+        found = sorted(
+            paths.path(root) / RESULTS_FILENAME
+            for root, _, names in d.walk()
+            if RESULTS_FILENAME in names
+        )
+        if not found:
+            raise ResultsError(f"{d}: no {RESULTS_FILENAME} found (searched recursively)")
+        files.extend(found)
+    notes: list[str] = []
+    by_key: dict[tuple, Run] = {}
+    for f in dict.fromkeys(_canonical(p) for p in files):
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{f}: invalid JSON ({e})") from None
+        res = validate_results(obj, f)
+        if res["kind"] == "pretrain":
+            notes.append(f"skipped pretraining run `{f}`")
+            continue
+        run = Run(f, res)
+        key = (res["dataset"], res["kind"], res["init"], float(res["label_fraction"]), res["seed"])
+        if key in by_key:
+            old = by_key[key]
+            keep, drop = (run, old) if res["step"] > old.results["step"] else (old, run)
+            notes.append(f"duplicate run for {key}: kept `{keep.source}`, ignored `{drop.source}`")
+            by_key[key] = keep
+        else:
+            by_key[key] = run
+    runs = list(by_key.values())
+    return runs, notes
+
+
+def _canonical(p: Path) -> Path:
+    """One name per file (symlinks and `..` resolved) for local paths; URLs as they are."""
+    return p if paths.is_remote(p) else paths.path(os.path.realpath(p))

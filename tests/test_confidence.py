@@ -1,0 +1,168 @@
+"""Patient-level bootstrap CIs (medssl_jax.confidence) and balanced accuracy, against
+brute-force references: explicit concatenation of the drawn patients' rows, and the exact
+bootstrap distribution from enumerating every possible draw of a small split."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from medssl_jax import confidence, metrics, predictions
+from medssl_jax.predictions import Predictions
+
+
+def _pred(labels, scores, patients, classes=("a", "b", "c")) -> Predictions:
+    labels = np.asarray(labels)
+    return Predictions(
+        case_ids=[f"case{i}" for i in range(len(labels))],
+        image_ids=[f"img{i}" for i in range(len(labels))],
+        patient_ids=list(patients),
+        patients_from_cases=False,
+        labels=labels,
+        label_mask=np.ones(labels.shape, bool),
+        scores=np.asarray(scores, np.float64),
+        class_names=tuple(classes),
+    )
+
+
+def _random_pred(rng, n=40, k=3, n_patients=12):
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    patients = [f"p{j}" for j in rng.integers(0, n_patients, n)]
+    return _pred(labels, probs, patients)
+
+
+def test_balanced_accuracy_brute_force_and_majority():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, 200)
+    pred = np.where(rng.random(200) < 0.6, label, rng.integers(0, 4, 200))
+    recalls = [np.mean(pred[label == c] == c) for c in range(4)]
+    assert metrics.balanced_accuracy(pred, label, 4) == pytest.approx(np.mean(recalls))
+    # Always the majority class: top-1 is its rate, balanced accuracy 1 / classes present.
+    imbalanced = np.array([0] * 67 + [1] * 20 + [2] * 13)
+    const = np.zeros(100, int)
+    assert metrics.balanced_accuracy(const, imbalanced, 5) == pytest.approx(1 / 3)
+    m = metrics.softmax_metrics(np.eye(5)[const] * 5.0, imbalanced)
+    assert m["top1"] == pytest.approx(0.67) and m["majority_top1"] == pytest.approx(0.67)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["top1", "balanced_accuracy", "auc_mean", "auc/b"])
+def test_metric_from_predictions_equals_softmax_metrics(name):
+    pred = _random_pred(np.random.default_rng(1))
+    ref = metrics.softmax_metrics(np.log(pred.scores), pred.labels, class_names=pred.class_names)
+    assert confidence.metric_from_predictions(pred, name) == pytest.approx(ref[name])
+
+
+def test_multilabel_metrics_from_predictions():
+    rng = np.random.default_rng(2)
+    n, k = 50, 3
+    labels = rng.integers(0, 2, (n, k)).astype(float)
+    mask = rng.random((n, k)) < 0.7
+    scores = 1 / (1 + np.exp(-(rng.normal(size=(n, k)) + 2 * labels - 1)))
+    pred = Predictions(
+        [f"c{i}" for i in range(n)],
+        [f"i{i}" for i in range(n)],
+        [f"p{i}" for i in range(n)],
+        False,
+        np.where(mask, labels, 0.0),
+        mask,
+        scores,
+        ("x", "y", "z"),
+    )
+    ref = metrics.sigmoid_metrics(np.log(scores / (1 - scores)), labels, mask.astype(int))
+    assert confidence.metric_from_predictions(pred, "auc_mean") == pytest.approx(ref["auc_mean"])
+    assert confidence.metric_from_predictions(pred, "accuracy") == pytest.approx(ref["accuracy"])
+    with pytest.raises(ValueError, match="multi-class"):
+        confidence.metric_from_predictions(pred, "top1")
+
+
+def test_replicates_equal_explicit_concatenation_of_drawn_patients():
+    """Each replicate = the metric on the rows of the drawn patients, concatenated (a patient
+    drawn twice contributes its rows twice); two seeds share the same draws."""
+    rng = np.random.default_rng(3)
+    a = _random_pred(rng)
+    b = _pred(a.labels, rng.dirichlet(np.ones(3), len(a.labels)), a.patient_ids)
+    patients = sorted(set(a.patient_ids))
+    counts = confidence.patient_counts(len(patients), 25, seed=7)
+    assert counts.shape == (25, len(patients)) and (counts.sum(1) == len(patients)).all()
+    for name in ("top1", "balanced_accuracy", "auc_mean"):
+        got = confidence.replicate_values([a, b], name, counts, patients)
+        for r, c in enumerate(counts):
+            drawn = [p for p, times in zip(patients, c, strict=True) for _ in range(times)]
+            vals = []
+            for pred in (a, b):
+                rows = [i for p in drawn for i, q in enumerate(pred.patient_ids) if q == p]
+                sub = _pred(
+                    pred.labels[rows], pred.scores[rows], [pred.patient_ids[i] for i in rows]
+                )
+                vals.append(confidence.metric_from_predictions(sub, name))
+            assert got[r] == pytest.approx(np.mean(vals)), (name, r)
+
+
+def test_bootstrap_distribution_equals_exact_enumeration_over_patients():
+    """4 patients with 3, 1, 2, 2 images: every ordered draw of 4 patients (4**4, equally
+    likely) gives the exact bootstrap distribution; 20000 replicates must match its CDF, and
+    resampling IMAGES instead (the wrong unit) must not."""
+    patients = ["A"] * 3 + ["B"] + ["C"] * 2 + ["D"] * 2
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 0])
+    predicted = np.array([0, 0, 0, 0, 1, 2, 1, 1])  # A all right, B wrong, C, D half right
+    scores = np.full((8, 3), 0.1)
+    scores[np.arange(8), predicted] = 0.8
+    pred = _pred(labels, scores, patients)
+    names = sorted(set(patients))
+    exact = []
+    for draw in itertools.product(range(4), repeat=4):
+        rows = [i for j in draw for i, p in enumerate(patients) if p == names[j]]
+        exact.append(np.mean(predicted[rows] == labels[rows]))
+    exact = np.sort(exact)
+    counts = confidence.patient_counts(4, 20000, seed=0)
+    boot = np.sort(confidence.replicate_values([pred], "top1", counts, names))
+    grid = np.unique(exact)
+    cdf = lambda s, x: np.searchsorted(s, x, side="right") / s.size  # noqa: E731
+    ks = max(abs(cdf(boot, x) - cdf(exact, x)) for x in grid)
+    assert ks < 0.02
+    # The CI is the 2.5 / 97.5 % quantile of those replicates, near the exact quantiles.
+    point, lo, hi = confidence.bootstrap_ci([pred], "top1", num_replicates=20000, seed=0)
+    assert point == pytest.approx(np.mean(predicted == labels))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+    assert cdf(exact, lo) >= 0.02 and cdf(exact, np.nextafter(hi, -1)) <= 0.98
+    # Image-level resampling gives another distribution: the test above can tell them apart.
+    img = np.random.default_rng(0).integers(0, 8, (20000, 8))
+    img_vals = np.sort(np.mean(predicted[img] == labels[img], axis=1))
+    assert max(abs(cdf(img_vals, x) - cdf(exact, x)) for x in np.unique(img_vals)) > 0.05
+
+
+def test_ci_of_identical_seeds_equals_single_and_needs_one_split():
+    pred = _random_pred(np.random.default_rng(4))
+    one = confidence.bootstrap_ci([pred], "auc_mean", num_replicates=300, seed=1)
+    two = confidence.bootstrap_ci([pred, pred], "auc_mean", num_replicates=300, seed=1)
+    assert one == pytest.approx(two)
+    assert one[1] < one[0] < one[2]
+    other = _pred(pred.labels, pred.scores, [p + "x" for p in pred.patient_ids])
+    with pytest.raises(ValueError, match="different patients"):
+        confidence.bootstrap_ci([pred, other], "top1")
+
+
+def test_patient_id_column_round_trip_and_fallback(tmp_path):
+    pred = _random_pred(np.random.default_rng(5), n=10)
+    kw = dict(
+        case_ids=pred.case_ids,
+        image_ids=pred.image_ids,
+        labels=pred.labels,
+        scores=pred.scores,
+        class_names=pred.class_names,
+    )
+    predictions.write_predictions_csv(tmp_path / "p.csv", patient_ids=pred.patient_ids, **kw)
+    back = predictions.read_predictions_csv(tmp_path / "p.csv")
+    assert back.patient_ids == pred.patient_ids and not back.patients_from_cases
+    predictions.write_predictions_csv(tmp_path / "old.csv", **kw)  # a file from before
+    old = predictions.read_predictions_csv(tmp_path / "old.csv")
+    assert old.patient_ids == pred.case_ids and old.patients_from_cases
+    text = (tmp_path / "p.csv").read_text().splitlines()
+    cells = text[3].split(",")
+    cells[2] = ""
+    (tmp_path / "bad.csv").write_text("\n".join([*text[:3], ",".join(cells), *text[4:]]))
+    with pytest.raises(ValueError, match="row 4, column 'patient_id': empty"):
+        predictions.read_predictions_csv(tmp_path / "bad.csv")
