@@ -299,6 +299,17 @@ def load_variables(path: str) -> tuple[dict, dict, int]:
     return dict(state["params"]), dict(state.get("batch_stats", {})), step
 
 
+def load_meta(path: str) -> tuple[dict, int]:
+    """(meta, step) of the latest checkpoint at `path`: what the run recorded beside its state
+    (method, label, its whole config)."""
+    mngr, step = _checkpoint_dir(path)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    finally:
+        mngr.close()
+    return dict(meta or {}), step
+
+
 def merge_pretrained(
     target: Mapping[str, Any],
     source: Mapping[str, Any],

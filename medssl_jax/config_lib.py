@@ -42,7 +42,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from medssl_jax import methods
     from medssl_jax.models import get_variant
 
-    known = methods.names() + SUPERVISED
+    known = methods.names() + SUPERVISED + ("dvme",)
     _require(config.get("method") in known, "method", f"{config.get('method')!r} not in {known}")
     _require(int(config.batch_size) > 0, "batch_size", f"must be > 0, got {config.batch_size}")
     steps_ok = int(config.get("num_steps", -1)) > 0 or float(config.get("num_epochs", 0)) > 0
@@ -102,6 +102,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if method.defaults() is not None:
             _require(method.name in config, method.name, "missing: the method's config section")
         method.validate(config, _require)
+    if config.method == "dvme":
+        from medssl_jax import dvme
+
+        dvme.validate(config)
     path = config.get("init_checkpoint", "")
     if path:
         _require(paths.path(path).exists(), "init_checkpoint", f"{path!r} does not exist")

@@ -233,12 +233,12 @@ def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> No
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Fine-tunes (or linear-evaluates) per `config`; writes checkpoints, predictions and
-    `results.json` (schema: medssl_jax.results)."""
-    config_lib.validate(config)
-    mesh = sharding.make_mesh()
-    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+def load_stores(
+    config: ml_collections.ConfigDict,
+) -> tuple[CaseStore, dict[str, CaseStore], str]:
+    """(labelled training store at config.data.label_fraction, {split: store} of val_split
+    first then eval_splits, val_split): all read and checked before anything is compiled;
+    an unknown split names its config field."""
     pidx, pcount = jax.process_index(), jax.process_count()
     eval_splits = list(config.eval_splits)
     val_split = config.get("val_split", "")
@@ -256,9 +256,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_store = load(
         config.data.split, "data.split", label_fraction=float(config.data.label_fraction)
     )
-    eval_stores = {  # all read (and validated) before anything is compiled
+    eval_stores = {
         s: load(s, "val_split" if s == val_split else "eval_splits") for s in eval_splits
     }
+    return train_store, eval_stores, val_split
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fine-tunes (or linear-evaluates) per `config`; writes checkpoints, predictions and
+    `results.json` (schema: medssl_jax.results)."""
+    config_lib.validate(config)
+    mesh = sharding.make_mesh()
+    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_store, eval_stores, val_split = load_stores(config)
+    eval_splits = list(eval_stores)
     spec = train_store.spec
     selection = selection_metric(config, spec.label_kind)
     total_steps, warmup_steps = config_lib.steps(config, spec.num_images)

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from medssl_jax import paths
 
-__all__ = ["plot_label_efficiency", "plot_roc_panels", "plot_shift_bars"]
+__all__ = ["plot_attention", "plot_label_efficiency", "plot_roc_panels", "plot_shift_bars"]
 
 
 class CellLike(Protocol):
@@ -178,4 +178,36 @@ def plot_shift_bars(
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncols=max(1, len(inits)))
+    _save(fig, path)
+
+
+def plot_attention(
+    path: str | os.PathLike,
+    rows: Sequence[tuple[str, Mapping[str, float]]],
+    *,
+    title: str,
+) -> None:
+    """DVME: stacked horizontal bars, one per run group, of the mean attention each encoder
+    receives (a distribution: the bars end at 1; the dotted line is uniform attention).
+
+    rows: [(label, {encoder: weight}), ...].
+    """
+    encoders = sorted({e for _, w in rows for e in w})
+    fig = Figure(figsize=(6.5, 1.2 + 0.45 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    left = np.zeros(len(rows))
+    for i, enc in enumerate(encoders):
+        widths = np.array([w.get(enc, 0.0) for _, w in rows])
+        ax.barh(range(len(rows)), widths, left=left, color=f"C{i}", label=enc, edgecolor="white")
+        left += widths
+    for k in range(1, len(encoders)):
+        ax.axvline(k / len(encoders), color="black", ls=":", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([label for label, _ in rows], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("mean attention received (per example, averaged over the split)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(
+        fontsize=7, ncols=max(1, len(encoders)), loc="upper center", bbox_to_anchor=(0.5, -0.35)
+    )
     _save(fig, path)

@@ -340,6 +340,7 @@ def _group_section(
             )
             add_png(name, f"in-distribution vs shifted {m}")
 
+    lines += _attention_section(runs, dataset, kind, out_dir, written)
     # What the runs' checkpoints were chosen by, then the defaults (older results lack it).
     chosen_by = [r.results.get("selection_metric") for r in runs]
     select_on = [m for m in dict.fromkeys(chosen_by) if m]
@@ -365,6 +366,38 @@ def _group_section(
         plots.plot_roc_panels(out_dir / name, panels, title=title)
         add_png(name, f"ROC curves {s}")
     return lines
+
+
+def _attention_section(
+    runs: list[Run], dataset: str, kind: str, out_dir: Path, written: list[Path]
+) -> list[str]:
+    """DVME runs: the mean attention each encoder receives, per split, averaged over seeds."""
+    acc: dict[tuple[str, float, str], list[dict[str, float]]] = defaultdict(list)
+    for r in runs:
+        for split, w in r.results.get("dvme", {}).get("mean_encoder_weights", {}).items():
+            acc[(r.results["init"], float(r.results["label_fraction"]), split)].append(w)
+    if not acc:
+        return []
+    lines = ["### DVME: attention each encoder receives", ""]
+    lines.append("| init | label fraction | split | mean attention (over seeds) |")
+    lines.append("|---|---:|---|---|")
+    rows = []
+    for init, frac, split in sorted(acc, key=lambda k: (k[0], k[1], _split_order({k[2]}))):
+        ws = acc[(init, frac, split)]
+        mean = {
+            e: float(np.mean([w.get(e, 0.0) for w in ws]))
+            for e in sorted({e for w in ws for e in w})
+        }
+        text = ", ".join(f"{e} {v:.3f}" for e, v in mean.items())
+        lines.append(f"| {init} | {frac:g} | {split} | {text} (n={len(ws)}) |")
+        rows.append((f"{init} {frac:g} {split}", mean))
+    lines.append("")
+    name = _slug("dvme_attention", dataset, kind) + ".png"
+    plots.plot_attention(
+        out_dir / name, rows, title=f"{dataset} {kind}: DVME attention per encoder"
+    )
+    written.append(out_dir / name)
+    return lines + [f"![DVME attention]({name})", ""]
 
 
 def build_report(

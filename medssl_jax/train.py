@@ -9,7 +9,7 @@ import ml_collections
 
 from data_builders.common import BadInputError
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import finetune, methods, paths, pretrain
+from medssl_jax import dvme, finetune, methods, paths, pretrain
 from medssl_jax.case_store import StaleIndexError
 from medssl_jax.config_lib import SUPERVISED, ConfigError
 from medssl_jax.datasets import DatasetFormatError
@@ -57,7 +57,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return pretrain.train_and_evaluate(config, workdir)
     if method in SUPERVISED:
         return finetune.train_and_evaluate(config, workdir)
+    if method == "dvme":
+        return dvme.train_and_evaluate(config, workdir)
     raise ConfigError(
         f"config.method: {method!r} is neither a pretraining method {methods.names()} nor one "
-        f"of {SUPERVISED}"
+        f"of {SUPERVISED + ('dvme',)}"
     )

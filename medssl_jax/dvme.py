@@ -1,0 +1,291 @@
+"""The DVME stage: a DVME head (`models/dvme.py`) trained on the cached features of several
+frozen pretrained encoders, chosen on validation, evaluated on every eval split.
+
+`python main.py --config=configs/dvme.py:demo --workdir=DIR --config.dvme.encoders=a=RUN,b=RUN`.
+Features are computed once per (encoder, split) and cached (`medssl_jax.features`); the head's
+training goes through the common loop (checkpoints, preemption, resume, progress). results.json
+is a linear evaluation (kind 'linear_eval', init `init_name`, by default 'dvme(a+b)') with a
+'dvme' entry: the encoders and, per split, the mean attention each encoder receives.
+Encoders are frozen here; end-to-end fine-tuning of the encoders through DVME is not built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from medssl_jax import config_lib, features, finetune, losses, optim, paths, sharding
+from medssl_jax.case_store import CaseStore
+from medssl_jax.loop import fit
+from medssl_jax.models.dvme import DVME
+from medssl_jax.results import write_results
+from medssl_jax.state import TrainState, compile_train, label_structs
+
+__all__ = ["model_from_config", "train_and_evaluate", "validate"]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """The dvme section, before any data is read (encoders are checked when loaded)."""
+    d = config.get("dvme")
+    if d is None:
+        raise config_lib.ConfigError("config.dvme: missing (encoders, token_dim, ...)")
+    features.parse_encoders(d.encoders)
+    for f in ("token_dim", "out_dim", "num_heads"):
+        if int(d[f]) < 1:
+            raise config_lib.ConfigError(f"config.dvme.{f}: must be >= 1, got {d[f]}")
+    if int(d.token_dim) % int(d.num_heads):
+        raise config_lib.ConfigError(
+            f"config.dvme.num_heads: {d.num_heads} does not divide token_dim={d.token_dim}"
+        )
+    if not 0.0 <= float(d.dropout) < 1.0:
+        raise config_lib.ConfigError(f"config.dvme.dropout: must be in [0, 1), got {d.dropout}")
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> DVME:
+    d = config.dvme
+    return DVME(
+        num_classes=num_classes,
+        token_dim=int(d.token_dim),
+        out_dim=int(d.out_dim),
+        num_heads=int(d.num_heads),
+        mlp_ratio=float(d.mlp_ratio),
+        attention=bool(d.attention),
+        dropout=float(d.dropout),
+    )
+
+
+def _embedding_keys(n: int) -> list[str]:
+    return [f"emb{i}" for i in range(n)]
+
+
+def _batches(
+    feats: list[np.ndarray], store: CaseStore, local_batch: int, seed: int, start_step: int
+):
+    """Training batches, a pure function of (seed, step): epoch e visits this process's rows
+    in the order of a permutation drawn from (seed, process, e)."""
+    n = store.num_images
+    step = start_step
+    multilabel = store.label_masks is not None
+    while True:
+        pos = step * local_batch
+        epoch, offset = divmod(pos, n)
+        order = np.random.default_rng([seed, jax.process_index(), epoch]).permutation(n)
+        rows = order[offset : offset + local_batch]
+        while rows.size < local_batch:  # wrap into the next epoch's permutation
+            epoch += 1
+            nxt = np.random.default_rng([seed, jax.process_index(), epoch]).permutation(n)
+            rows = np.concatenate([rows, nxt[: local_batch - rows.size]])
+        batch = {k: f[rows] for k, f in zip(_embedding_keys(len(feats)), feats, strict=True)}
+        batch["label"] = store.labels[rows]
+        if multilabel:
+            batch["label_mask"] = store.label_masks[rows]
+        yield batch
+        step += 1
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Extracts (or reads) every encoder's features, trains the DVME head, writes predictions,
+    `results.json` and the encoders' mean attention."""
+    config_lib.validate(config)
+    encoders = [
+        features.encoder_from_checkpoint(n, p)
+        for n, p in features.parse_encoders(config.dvme.encoders)
+    ]
+    mesh = sharding.make_mesh()
+    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_store, eval_stores, val_split = finetune.load_stores(config)
+    spec = train_store.spec
+    selection = finetune.selection_metric(config, spec.label_kind)
+    if spec.label_kind not in ("multiclass", "multilabel"):
+        raise config_lib.ConfigError(
+            f"config.data.name: {spec.name!r} has no labels ({spec.label_kind}); DVME needs them"
+        )
+    size = int(config.data.image_size)
+    cache_dir = config.dvme.get("cache_dir") or f"{workdir}/features"
+
+    def embed(store: CaseStore) -> list[np.ndarray]:
+        return [
+            features.extract(
+                e, store, mesh, local_batch=local_batch, image_size=size, cache_dir=cache_dir
+            )
+            for e in encoders
+        ]
+
+    train_feats = embed(train_store)
+    eval_feats = {s: embed(st) for s, st in eval_stores.items()}
+    dims = [f.shape[1] for f in train_feats]
+    logging.info("DVME over %s: feature sizes %s", [e.name for e in encoders], dims)
+
+    total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
+    model = model_from_config(config, spec.num_classes)
+    tx, lr, _ = optim.from_config(config, total_steps, warmup_steps)
+    keys = _embedding_keys(len(encoders))
+    multilabel = spec.label_kind == "multilabel"
+    data_sh, repl = sharding.batch_sharded(mesh), sharding.replicated(mesh)
+
+    def init(rng: jax.Array) -> TrainState:
+        params = model.init(rng, [jnp.zeros((2, d), jnp.float32) for d in dims])["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params)
+        )
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.key(int(config.seed)), state.step)
+
+        def loss_fn(params):
+            out = model.apply(
+                {"params": params}, [batch[k] for k in keys], train=True, rngs={"dropout": rng}
+            )
+            m = {}
+            if multilabel:
+                loss = losses.masked_sigmoid_ce(out["logits"], batch["label"], batch["label_mask"])
+            else:
+                loss, m["accuracy"] = losses.masked_softmax_ce(out["logits"], batch["label"])
+            return loss, m
+
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        m.update(loss=loss, learning_rate=lr(state.step))
+        return state.apply_gradients(tx, grads, {}), m
+
+    b = int(config.batch_size)
+    abstract_batch = {
+        **{
+            k: jax.ShapeDtypeStruct((b, d), jnp.float32, sharding=data_sh)
+            for k, d in zip(keys, dims, strict=True)
+        },
+        **label_structs(b, spec.num_classes, spec.label_kind, data_sh),
+    }
+    built = compile_train(
+        model,
+        tx,
+        lr,
+        step,
+        mesh,
+        init=init,
+        abstract_batch=abstract_batch,
+        nan_policy=config.get("nan_policy", "stop"),
+    )
+    state = built.init(jax.random.key(int(config.seed)))
+
+    def eval_fn(params, batch):
+        out = model.apply({"params": params}, [batch[k] for k in keys], train=False)
+        rest = {k: v for k, v in batch.items() if k not in keys}  # valid, index, labels
+        return rest | {"logits": out["logits"], "encoder_weights": out["encoder_weights"]}
+
+    eval_jit = jax.jit(eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
+
+    def predict(params, split: str) -> dict[str, np.ndarray]:
+        store, feats = eval_stores[split], eval_feats[split]
+        n = store.num_images
+        n_batches = -(-n // local_batch)
+        if pcount > 1:
+            from jax.experimental import multihost_utils
+
+            n_batches = int(np.max(multihost_utils.process_allgather(np.asarray(n_batches))))
+        out: dict[str, list] = {}
+        for i in range(n_batches):
+            rows = np.arange(i * local_batch, (i + 1) * local_batch)
+            valid = (rows < n).astype(np.float32)
+            rows = np.minimum(rows, max(n - 1, 0))
+            batch = {k: f[rows] for k, f in zip(keys, feats, strict=True)}
+            batch |= {"valid": valid, "index": rows}
+            batch |= {"label": store.labels[rows]}
+            if multilabel:
+                batch["label_mask"] = store.label_masks[rows]
+            res = jax.device_get(eval_jit(params, sharding.to_global(batch, mesh)))
+            ok = res["valid"] > 0
+            for k in ("logits", "label", "label_mask", "encoder_weights"):
+                if k in res:
+                    out.setdefault(k, []).append(res[k][ok])
+            mine = slice(pidx * local_batch, (pidx + 1) * local_batch)
+            keep = res["valid"][mine] > 0
+            out.setdefault("local_logits", []).append(res["logits"][mine][keep])
+            out.setdefault("local_index", []).append(res["index"][mine][keep])
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    graded = bool(config.get("graded", False))
+    best = finetune._BestKeeper(workdir, val_split, selection) if val_split else None
+    eval_writer = metric_writers.create_default_writer(
+        workdir, just_logging=pidx > 0, collection="eval"
+    )
+
+    def after_step(step_no: int, st: TrainState) -> None:
+        if best is None or (step_no % int(config.eval_every_steps) and step_no != total_steps):
+            return
+        m = finetune.split_metrics(predict(st.params, val_split), spec, graded=graded)
+        eval_writer.write_scalars(step_no, {f"{val_split}/{k}": v for k, v in m.items()})
+        best.offer(step_no, m, st)
+
+    state, summary = fit(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        state=state,
+        train_step=built.step,
+        make_batches=lambda s: _batches(train_feats, train_store, local_batch, int(config.seed), s),
+        batch_keys=tuple(abstract_batch),
+        total_steps=total_steps,
+        global_batch_size=b,
+        images_per_example=1,
+        restore_abstract=built.abstract_state,
+        meta={"method": config.method, "config": config.to_dict()},
+        after_step=after_step,
+    )
+    params, chosen = state.params, summary["step"]
+    if best is not None and best.step is not None:
+        params, _ = best.restore(state)
+        chosen = best.step
+    split_results, preds, attention = {}, {}, {}
+    for split in eval_stores:
+        pred = predict(params, split)
+        split_results[split] = finetune.split_metrics(pred, eval_stores[split].spec, graded=graded)
+        attention[split] = [float(v) for v in pred["encoder_weights"].mean(0)]
+        name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
+        finetune._write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
+        if pcount == 1:
+            preds[split] = name
+        logging.info(
+            "%s: %s; mean attention %s",
+            split,
+            {k: round(v, 4) for k, v in split_results[split].items() if "/" not in k},
+            dict(zip([e.name for e in encoders], np.round(attention[split], 3), strict=True)),
+        )
+    eval_writer.flush()
+    names = [e.name for e in encoders]
+    results = {
+        "kind": "linear_eval",
+        "name": config.get("name") or paths.path(workdir).name,
+        "dataset": spec.name,
+        "label_kind": spec.label_kind,
+        "init": config.get("init_name") or f"dvme({'+'.join(names)})",
+        "label_fraction": float(config.data.label_fraction),
+        "seed": int(config.seed),
+        "step": int(chosen),
+        "class_names": list(spec.class_names),
+        "splits": split_results,
+        "predictions": preds,
+        "train": summary,
+        "selected_on": val_split or "last step",
+        "selection_metric": selection if val_split else "",
+        "dvme": {
+            "encoders": [
+                e.describe() | {"feature_dim": d} for e, d in zip(encoders, dims, strict=True)
+            ],
+            "attention": bool(config.dvme.attention),
+            "frozen": True,
+            "mean_encoder_weights": {
+                s: dict(zip(names, w, strict=True)) for s, w in attention.items()
+            },
+        },
+    }
+    if pidx == 0:
+        write_results(workdir, results)
+    logging.info("Results: %s/results.json", workdir)
+    return results
