@@ -228,6 +228,9 @@ def supervised_config(method: str) -> ml_collections.ConfigDict:
     # auc_mean (multi-label). Also top1, auc_mean, kappa_quadratic (graded) or accuracy.
     c.selection_metric = ""
     c.eval_splits = ("validation", "test")
+    # Other datasets the chosen checkpoint is evaluated on through a label mapping, no further
+    # tuning (medssl_jax/cross_eval.py; variants eval_nih, eval_pad_ufes20).
+    c.eval_datasets = ml_collections.ConfigDict()
     c.eval_every_steps = 500
     c.graded = False  # True adds quadratic-weighted kappa (graded tasks, e.g. DR grading)
     c.init_checkpoint = ""  # pretraining workdir; '' = random init (supervised baseline)
@@ -262,6 +265,40 @@ def finetune_chexpert(c: ml_collections.ConfigDict) -> None:
     c.augment.rotation_degrees = 20.0  # unverified
     c.eval_splits = ("validation",)
     c.val_split = "validation"
+
+
+def eval_nih(c: ml_collections.ConfigDict) -> None:
+    """CheXpert's 5 competition conditions on NIH ChestX-ray14's official test list (all five
+    exist there; 'Pleural Effusion' is NIH's 'Effusion').
+    Give --config.eval_datasets.nih.manual_dir."""
+    c.eval_datasets.nih = ml_collections.ConfigDict(
+        dict(
+            name="nih_chestxray14",
+            data_dir="",
+            manual_dir="",
+            options={},
+            splits=("test",),
+            label_map="Atelectasis=Atelectasis,Cardiomegaly=Cardiomegaly,"
+            "Consolidation=Consolidation,Edema=Edema,Pleural Effusion=Effusion",
+        )
+    )
+
+
+def eval_pad_ufes20(c: ml_collections.ConfigDict) -> None:
+    """HAM10000 diagnoses on PAD-UFES-20 (smartphone images): the shared ones. Our mapping:
+    bcc=BCC, mel=MEL, nv=NEV; bkl (benign keratosis-like) = SEK (seborrheic keratosis); akiec
+    (actinic keratosis / Bowen's) = ACK (actinic keratosis). PAD's SCC and HAM's df / vasc have
+    no counterpart and are not scored. Give --config.eval_datasets.pad_ufes20.manual_dir."""
+    c.eval_datasets.pad_ufes20 = ml_collections.ConfigDict(
+        dict(
+            name="pad_ufes20",
+            data_dir="",
+            manual_dir="",
+            options={},
+            splits=("test",),
+            label_map="bcc=BCC,mel=MEL,nv=NEV,bkl=SEK,akiec=ACK",
+        )
+    )
 
 
 def finetune_derm(c: ml_collections.ConfigDict) -> None:

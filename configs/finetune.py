@@ -9,8 +9,13 @@ Launch:
 Variants (comma-separated, applied in order):
   r50_1x | r50_4x | r152_2x | r152_3x_sk1 | tiny   architecture (must match the checkpoint)
   derm | chexpert | demo                          dataset recipe
+  eval_nih | eval_pad_ufes20                      also evaluate on another dataset (mapped
+                                                  classes; chexpert -> NIH, derm -> PAD-UFES-20)
+  python main.py --config=configs/finetune.py:r50_1x,chexpert,eval_nih --workdir=DIR \
+      --config.data.manual_dir=/data/chexpert --config.eval_datasets.nih.manual_dir=/data/nih
 Fields: init_checkpoint ('' = random init), init_name (label in reports), model.ft_proj_selector
-(projection-head layers kept, 0 = backbone), data.label_fraction, eval_splits, val_split.
+(projection-head layers kept, 0 = backbone), data.label_fraction, eval_splits, val_split,
+selection_metric, eval_datasets.
 Sweeps over label fractions x seeds x initialisations: python -m medssl_jax.sweep --help.
 """
 
@@ -31,6 +36,8 @@ def get_config(arg: str | None = None):
             "demo": common.finetune_demo,
             "chexpert": common.finetune_chexpert,
             "derm": common.finetune_derm,
+            "eval_nih": common.eval_nih,
+            "eval_pad_ufes20": common.eval_pad_ufes20,
         },
     )
     return c

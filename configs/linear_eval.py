@@ -38,6 +38,8 @@ def get_config(arg: str | None = None):
             "demo": _demo,
             "chexpert": common.finetune_chexpert,
             "derm": common.finetune_derm,
+            "eval_nih": common.eval_nih,
+            "eval_pad_ufes20": common.eval_pad_ufes20,
         },
     )
     return c

@@ -87,6 +87,8 @@ PAPER_CONFIGS = (
     "configs/micle.py:r50_4x",
     "configs/micle.py:r152_2x",
     "configs/micle.py:r152_3x_sk1",
+    # The memory options (`model.remat`, `sharding.fsdp`) for the one that needs them.
+    "configs/micle.py:r152_3x_sk1 --config.model.remat=True --config.sharding.fsdp=True",
 )
 PAPER_SLICES = ("v4-32", "v5e-64", "v5p-32")
 

@@ -76,6 +76,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     out = [head]
     for r in rows:
         name = r.get("config", r.get("variant", "?")).replace("configs/", "")
+        name = name.replace(" --config.model.remat=True", " + remat")
+        name = name.replace(" --config.sharding.fsdp=True", " + fsdp")
         where = f"{r.get('slice', '?')} ({r.get('chips', '?')})"
         if r.get("error"):
             err = " ".join(str(r["error"]).split())[:120].replace("|", "/")
@@ -111,8 +113,9 @@ def _run_row(cfg: str, sl: str, tmp: str, timeout_s: float, extra_args: list[str
     """One (config, slice) in its own process; a failure, crash or time-out becomes the row."""
     if os.path.exists(tmp):
         os.remove(tmp)
-    cmd = [sys.executable, "-m", "medssl_jax.aot", f"--config={cfg}", f"--topology={sl}"]
-    cmd += [f"--json={tmp}", *extra_args]
+    path, *overrides = cfg.split()  # 'configs/x.py:variant --config.model.remat=True ...'
+    cmd = [sys.executable, "-m", "medssl_jax.aot", f"--config={path}", f"--topology={sl}"]
+    cmd += [f"--json={tmp}", *overrides, *extra_args]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

@@ -23,6 +23,7 @@ from clu import metric_writers
 from medssl_jax import (
     augment_device,
     config_lib,
+    cross_eval,
     datasets,
     input_pipeline,
     losses,
@@ -213,14 +214,26 @@ def selection_metric(config: ml_collections.ConfigDict, label_kind: str) -> str:
     return name
 
 
-def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> None:
+def _write_predictions(
+    path: paths.PathLike,
+    pred: dict,
+    store: CaseStore,
+    target: cross_eval.Target | None = None,
+    train_spec: Any = None,
+) -> None:
+    """This process's rows of `pred` as a prediction CSV; with `target` (another dataset), the
+    labels are put in the training classes' space (unmapped ones masked)."""
     rows = np.asarray(pred["local_index"], np.int64)  # rows of the per-image arrays
     cases, _ = store.locate(rows)
     logits = pred["local_logits"]
-    multilabel = store.spec.label_kind == "multilabel"
+    spec = train_spec or store.spec
+    multilabel = spec.label_kind == "multilabel"
     scores = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)
     labels = store.labels[rows]
     mask = store.label_masks[rows] if multilabel else None
+    if target is not None:
+        labels, mask = cross_eval.to_training_space(target, labels, mask, spec.num_classes)
+        labels = labels if multilabel else np.where(mask, labels, 0)
     predictions.write_predictions_csv(
         path,
         case_ids=[s.decode() for s in store.case_ids[cases]],
@@ -228,7 +241,7 @@ def _write_predictions(path: paths.PathLike, pred: dict, store: CaseStore) -> No
         patient_ids=[s.decode() for s in store.patient_ids[cases]],
         labels=labels,
         scores=np.asarray(scores, np.float64),
-        class_names=list(store.spec.class_names),
+        class_names=list(spec.class_names),
         label_mask=mask,
     )
 
@@ -273,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_splits = list(eval_stores)
     spec = train_store.spec
     selection = selection_metric(config, spec.label_kind)
+    targets = cross_eval.load_targets(config, spec, process_index=pidx, process_count=pcount)
     total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
     logging.info(
         "%s on %s: %d labelled images (fraction %.3g), eval on %s; %d steps",
@@ -366,6 +380,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pcount == 1:
             predictions[split] = name
         logging.info("%s: %s", split, {k: round(v, 4) for k, v in m.items() if "/" not in k})
+    for t in targets:  # other datasets, through the label mapping (no further tuning)
+        pred = predict(
+            eval_step, params, batch_stats, t.store, mesh, local_batch=local_batch, image_size=size
+        )
+        label, mask = cross_eval.to_training_space(
+            t, pred["label"], pred.get("label_mask"), spec.num_classes
+        )
+        if spec.label_kind == "multilabel":
+            m = metrics.sigmoid_metrics(pred["logits"], label, mask, class_names=spec.class_names)
+        else:
+            m = metrics.softmax_metrics(
+                pred["logits"][mask], label[mask], graded=graded, class_names=spec.class_names
+            )
+        split_results[t.result_split] = m
+        name = f"predictions_{t.result_split}.csv"
+        name = name if pcount == 1 else name.replace(".csv", f".p{pidx}.csv")
+        _write_predictions(paths.path(workdir) / name, pred, t.store, t, spec)
+        if pcount == 1:
+            predictions[t.result_split] = name
+        logging.info(
+            "%s (%s %s, mapped classes %s): %s",
+            t.result_split,
+            t.dataset,
+            t.split,
+            [a for a, _ in t.names],
+            {k: round(v, 4) for k, v in m.items() if "/" not in k},
+        )
     eval_writer.flush()
     results = {
         "kind": config.method,
@@ -382,6 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "train": summary,
         "selected_on": val_split or "last step",
         "selection_metric": selection if val_split else "",
+        "eval_datasets": {t.result_split: t.describe() for t in targets},
     }
     if pidx == 0:
         write_results(workdir, results)

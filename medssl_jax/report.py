@@ -319,24 +319,27 @@ def _group_section(
         add_png(name, f"label efficiency {m} {s}")
 
     shifted = [s for s in splits if s.startswith(SHIFT_PREFIX)]
-    if "test" in splits and shifted:
+    # In-distribution reference: the test split, or validation where the dataset has no
+    # labelled test split (CheXpert's official validation set is the one reported).
+    ref = "test" if "test" in splits else next((s for s in VALIDATION_SPLITS if s in splits), "")
+    if ref and shifted:
         for m in wanted:
             values = {
                 (init, frac, s): cell
-                for s in ["test", *shifted]
+                for s in [ref, *shifted]
                 for (init, frac), cell in table.get((m, s), {}).items()
             }
-            if not any(k[2] != "test" for k in values) or not any(k[2] == "test" for k in values):
+            if not any(k[2] != ref for k in values) or not any(k[2] == ref for k in values):
                 continue
             name = _slug("shift", dataset, kind, m) + ".png"
             title = f"{dataset} {kind}: {m}, in-distribution vs shifted"
             plots.plot_shift_bars(
                 out_dir / name,
                 values,
-                splits=["test", *shifted],
+                splits=[ref, *shifted],
                 title=title,
                 ylabel=m,
-                chance={s: chance.get((m, s)) for s in ["test", *shifted]},
+                chance={s: chance.get((m, s)) for s in [ref, *shifted]},
             )
             add_png(name, f"in-distribution vs shifted {m}")
 

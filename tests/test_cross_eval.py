@@ -1,0 +1,86 @@
+"""Evaluation on another dataset through a label mapping (medssl_jax.cross_eval): the mapped
+metrics equal a reference computed from the in-distribution predictions, bad mappings name
+their field before training, and the label remapping is exact."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from medssl_jax import config_lib, cross_eval, metrics, predictions, train
+from tests.test_finetune import _config
+
+
+def _target(pairs):
+    return cross_eval.Target("x", "d", "test", "test_x", None, tuple(pairs), ())
+
+
+def test_to_training_space_multilabel_and_multiclass():
+    ext = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
+    ext_mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+    lab, mask = cross_eval.to_training_space(_target([(3, 0), (0, 2)]), ext, ext_mask, 4)
+    np.testing.assert_array_equal(lab, [[1, 0, 0, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[0, 0, 0, 1], [1, 0, 0, 1]])
+    lab, mask = cross_eval.to_training_space(
+        _target([(2, 0), (0, 1)]), np.array([0, 1, 2, 1]), None, 3
+    )
+    np.testing.assert_array_equal(lab, [2, 0, -1, 0])
+    np.testing.assert_array_equal(mask, [True, True, False, True])
+
+
+@pytest.mark.parametrize(
+    "label_map, message",
+    [
+        ("homogeneous", "is not training_class=external_class"),
+        ("homogeneous=homogeneous,homogeneous=reticular", "a training class is mapped twice"),
+        ("nope=homogeneous", "'nope' is not a class of the training data 'demo'"),
+        ("homogeneous=nope", "'nope' is not a class of 'demo'"),
+    ],
+)
+def test_bad_mapping_names_the_field_before_training(tmp_path, tfds_data_dir, label_map, message):
+    c = _config("linear_eval")
+    c.data.data_dir = tfds_data_dir
+    c.eval_datasets.same = ml_collections.ConfigDict(
+        dict(name="demo", splits=("test",), label_map=label_map)
+    )
+    with pytest.raises(config_lib.ConfigError, match="config.eval_datasets.same.label_map: "):
+        try:
+            train.train_and_evaluate(c, str(tmp_path))
+        except config_lib.ConfigError as e:
+            assert message in str(e)
+            raise
+    assert not (tmp_path / "checkpoints").exists()  # refused before training
+
+
+@pytest.mark.slow
+def test_mapped_metrics_equal_the_in_distribution_predictions_restricted(tmp_path, tfds_data_dir):
+    """demo -> demo's own test split with 3 of the 6 classes mapped: the 'test_same' metrics are
+    the 'test' predictions restricted to images of those classes (scores over all 6)."""
+    mapped = ("homogeneous", "globular", "streaks")
+    c = _config("linear_eval")
+    c.data.data_dir = tfds_data_dir
+    c.eval_splits = ("validation", "test")
+    c.eval_datasets.same = ml_collections.ConfigDict(
+        dict(name="demo", splits="test", label_map=",".join(f"{k}={k}" for k in mapped))
+    )
+    train.train_and_evaluate(c, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["eval_datasets"]["test_same"]["classes"] == {k: k for k in mapped}
+    full = predictions.read_predictions_csv(tmp_path / saved["predictions"]["test"])
+    keep = np.isin(full.labels, [saved["class_names"].index(k) for k in mapped])
+    assert 0 < keep.sum() < keep.size
+    ref = metrics.softmax_metrics(
+        np.log(full.scores[keep]), full.labels[keep], class_names=saved["class_names"]
+    )
+    got = saved["splits"]["test_same"]
+    assert got["num_examples"] == keep.sum()
+    for k in ("top1", "balanced_accuracy"):
+        assert got[k] == pytest.approx(ref[k], abs=1e-9), k
+    # The CSV holds float32 probabilities (ties among near-equal scores): AUC to 1e-3.
+    assert got["auc_mean"] == pytest.approx(ref["auc_mean"], abs=1e-3)
+    assert set(k for k in got if k.startswith("auc/")) == {f"auc/{k}" for k in mapped}
+    # Its prediction CSV: same images, labels of unmapped classes masked out.
+    shifted = predictions.read_predictions_csv(tmp_path / saved["predictions"]["test_same"])
+    assert shifted.image_ids == full.image_ids
+    np.testing.assert_array_equal(shifted.label_mask, keep)
