@@ -302,6 +302,7 @@ def _group_section(
     )
     lines.append("")
     lines += [f"- {n}" for n in sorted(notes)] + ([""] if notes else [])
+    lines += _subset_table(table, chance, present, splits)
 
     def add_png(name: str, caption: str) -> None:
         written.append(out_dir / name)
@@ -369,6 +370,32 @@ def _group_section(
         plots.plot_roc_panels(out_dir / name, panels, title=title)
         add_png(name, f"ROC curves {s}")
     return lines
+
+
+def _subset_table(
+    table: dict, chance: dict, present: list[tuple[str, str]], splits: list[str]
+) -> list[str]:
+    """The paper's layout (Truong et al.): rows = initialisation, columns = label subsets, for
+    the first metric on the first reported split (test, else validation)."""
+    test_like = [s for s in splits if s == "test" or s in VALIDATION_SPLITS]
+    if not test_like:
+        return []
+    key = next((c for c in present if c[1] == test_like[0]), None)
+    if key is None:
+        return []
+    cells = table[key]
+    fracs = sorted({f for _, f in cells})
+    if len(fracs) < 2:
+        return []
+    m, s = key
+    lines = [f"### {m} on {s} by label subset (rows: initialisation)", ""]
+    lines.append("| init | " + " | ".join(f"{f:g} of labels" for f in fracs) + " |")
+    lines.append("|---|" + "---:|" * len(fracs))
+    for init in sorted({i for i, _ in cells}):
+        lines.append(f"| {init} | " + " | ".join(_fmt(cells.get((init, f))) for f in fracs) + " |")
+    if chance.get(key) is not None:
+        lines.append("| chance | " + " | ".join(f"{chance[key]:.3f}" for _ in fracs) + " |")
+    return lines + [""]
 
 
 def _attention_section(

@@ -4,9 +4,18 @@ r"""Fine-tuning sweeps: label fractions x seeds x initialisations, then the repo
       --fractions=0.1,1.0 --seeds=0,1,2 \
       --init=scratch --init=simclr:runs/simclr_demo --init=micle:runs/micle_demo
 
+With a DVME config (configs/dvme.py) the inits are the ENCODERS: each (fraction, seed) runs one
+DVME over all of them (init 'dvme(a+b)') and, with --dvme_probes, a linear probe on each
+encoder's cached features (DVME with one encoder and no attention; init 'probe(a)'):
+
+  python -m medssl_jax.sweep --config=configs/dvme.py:demo --workdir=runs/study \
+      --fractions=0.1,1.0 --seeds=0,1,2 --init=simclr:runs/simclr --init=swav:runs/swav
+
 Each run goes to WORKDIR/<init>/frac<f>/seed<s>/ and is skipped when its results.json exists,
 so an interrupted sweep continues where it stopped (a half-finished run resumes from its
-checkpoint). Every init path is checked before the first run starts.
+checkpoint). Every init path is checked before the first run starts. Several sweeps (linear
+eval, fine-tuning, DVME) may share one WORKDIR if their inits' names differ, or be reported
+together: python -m medssl_jax.report DIR1 DIR2 ...
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ flags.DEFINE_list("fractions", ["0.1", "1.0"], "Label fractions.")
 flags.DEFINE_list("seeds", ["0"], "Seeds.")
 flags.DEFINE_multi_string("init", ["scratch"], "NAME or NAME:PRETRAIN_WORKDIR ('scratch').")
 flags.DEFINE_bool("report", True, "Write the report into WORKDIR when done.")
+flags.DEFINE_bool("dvme_probes", True, "DVME config: also a linear probe per encoder.")
 
 
 def parse_inits(specs: list[str]) -> dict[str, str]:
@@ -46,7 +56,25 @@ def run_dir(root: str, init: str, fraction: float, seed: int) -> str:
     return str(paths.path(root) / init / f"frac{fraction:g}" / f"seed{seed}")
 
 
-def run_sweep(config, root: str, fractions, seeds, inits: dict[str, str]) -> list[str]:
+def _arms(config, inits: dict[str, str], probes: bool) -> list[tuple[str, dict]]:
+    """(init name, config fields) of every arm: one per init, or for a DVME config one DVME
+    over every encoder (plus a probe per encoder)."""
+    if config.get("method") != "dvme":
+        return [(i, {"init_checkpoint": p, "init_name": i}) for i, p in inits.items()]
+    encoders = {i: p for i, p in inits.items() if p}
+    if not encoders:
+        raise ValueError("a DVME sweep needs --init=NAME:CHECKPOINT encoders, not 'scratch'")
+    spec = ",".join(f"{i}={p}" for i, p in encoders.items())
+    arms = [(f"dvme({'+'.join(encoders)})", {"dvme.encoders": spec, "dvme.attention": True})]
+    if probes:
+        for i, p in encoders.items():
+            arms.append((f"probe({i})", {"dvme.encoders": f"{i}={p}", "dvme.attention": False}))
+    return arms
+
+
+def run_sweep(
+    config, root: str, fractions, seeds, inits: dict[str, str], probes: bool = True
+) -> list[str]:
     """Runs every missing combination in-process; returns the run directories."""
     from medssl_jax import train
 
@@ -55,15 +83,22 @@ def run_sweep(config, root: str, fractions, seeds, inits: dict[str, str]) -> lis
     if bad:
         raise ValueError(f"--fractions: {bad} not in (0, 1]")
     dirs = []
-    combos = [(i, f, int(s)) for i in inits for f in fractions for s in seeds]
-    for n, (init, frac, seed) in enumerate(combos, 1):
+    arms = _arms(config, inits, probes)
+    combos = [(a, f, int(s)) for a in arms for f in fractions for s in seeds]
+    for n, ((init, fields), frac, seed) in enumerate(combos, 1):
         d = run_dir(root, init, frac, seed)
         dirs.append(d)
         if (paths.path(d) / "results.json").exists():
             logging.info("[%d/%d] %s done already", n, len(combos), d)
             continue
         c = copy.deepcopy(config)
-        c.init_checkpoint, c.init_name = inits[init], init
+        for key, value in fields.items():
+            node, *rest = key.split(".")
+            if rest:
+                c[node][rest[0]] = value
+            else:
+                c[key] = value
+        c.init_name = init
         c.data.label_fraction, c.seed = frac, seed
         c.name = f"{init}_frac{frac:g}_seed{seed}"
         logging.info("[%d/%d] %s", n, len(combos), c.name)
@@ -74,7 +109,7 @@ def run_sweep(config, root: str, fractions, seeds, inits: dict[str, str]) -> lis
 def main(argv):
     del argv
     inits = parse_inits(FLAGS.init)
-    run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.fractions, FLAGS.seeds, inits)
+    run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.fractions, FLAGS.seeds, inits, FLAGS.dvme_probes)
     if FLAGS.report:
         from medssl_jax import report
 

@@ -358,3 +358,17 @@ def test_duplicate_runs_keep_latest_step(tmp_path):
     runs, notes = report.load_runs([tmp_path])
     assert len(runs) == 1 and runs[0].metric("test", "top1") == 0.9
     assert any("duplicate" in n for n in notes)
+
+
+def test_subset_table_is_the_main_table_pivoted(built):
+    """The paper's layout: rows = init, columns = label fractions, same cells as the main table."""
+    _, _, md = built
+    main = _table_rows(md, "## derm / finetune (multiclass)")
+    block = md.split("### top1 on test by label subset (rows: initialisation)", 1)[1]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["init", *[f"{f:g} of labels" for f in FRACTIONS]]
+    for ln in lines[2 : 2 + len(INITS)]:
+        init, *cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert cells == [main[(init, f)]["test top1"] for f in FRACTIONS]
+    assert lines[2 + len(INITS)].startswith("| chance |")

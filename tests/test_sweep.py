@@ -52,3 +52,23 @@ def test_run_sweep_runs_each_missing_combination_once(tmp_path, monkeypatch):
     assert ("micle", "/ckpt", 0.1, 1, sweep.run_dir(str(tmp_path), "micle", 0.1, 1)) in calls
     with pytest.raises(ValueError, match="fractions"):
         sweep.run_sweep(finetune.get_config("demo"), str(tmp_path), ["1.5"], ["0"], {"s": ""})
+
+
+def test_dvme_sweep_runs_one_fusion_and_a_probe_per_encoder(tmp_path, monkeypatch):
+    import dvme
+
+    calls = []
+
+    def fake_run(config, workdir):
+        calls.append((config.init_name, config.dvme.encoders, config.dvme.attention, workdir))
+        return {}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_run)
+    inits = {"simclr": "/a", "swav": "/b"}
+    dirs = sweep.run_sweep(dvme.get_config("demo"), str(tmp_path), ["1.0"], ["0", "1"], inits)
+    assert len(dirs) == len(calls) == 6
+    assert ("dvme(simclr+swav)", "simclr=/a,swav=/b", True) in [c[:3] for c in calls]
+    assert ("probe(swav)", "swav=/b", False) in [c[:3] for c in calls]
+    assert sweep.run_dir(str(tmp_path), "probe(simclr)", 1.0, 1) in dirs
+    with pytest.raises(ValueError, match="needs --init=NAME:CHECKPOINT encoders"):
+        sweep.run_sweep(dvme.get_config("demo"), str(tmp_path), ["1"], ["0"], {"scratch": ""})
