@@ -38,8 +38,9 @@ def _set(c, key: str, value: str) -> None:
     *path, last = key.split(".")
     for p in path:
         node = node[p]
-    old = node[last]
-    node[last] = (value == "True") if isinstance(old, bool) else type(old)(value)
+    from medssl_jax.config_lib import parse_value
+
+    node[last] = parse_value(node[last], value)  # lists: a,b (as main.py's --config.x=a,b)
 
 
 def _run(config, workdir: str) -> dict:

@@ -12,4 +12,5 @@ KNOWN = (
     "derm_csv",
     "image_folder_unlabeled",
     "dicom_folder",
+    "nih_chestxray14",
 )

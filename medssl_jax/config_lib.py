@@ -36,6 +36,39 @@ def _require(cond: bool, field: str, msg: str) -> None:
         raise ConfigError(f"config.{field}: {msg}")
 
 
+def split_list(value: str) -> tuple[str, ...]:
+    """'validation,test' -> ('validation', 'test'): the one list syntax on every command line
+    (main.py's --config.<field>=a,b and the benchmark scripts' key=a,b)."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def normalize_lists(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tuple/list fields of strings given as 'a,b' on the command line arrive as ('a,b',):
+    split them in place (every field, nested ones too) so that `--config.eval_splits=
+    validation,test` means two splits. Returns `config`."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            normalize_lists(value)
+        elif isinstance(value, (tuple, list)) and any(
+            isinstance(v, str) and "," in v for v in value
+        ):
+            parts = tuple(p for v in value for p in (split_list(v) if isinstance(v, str) else [v]))
+            config[key] = type(value)(parts)
+    return config
+
+
+def parse_value(old: Any, text: str) -> Any:
+    """A command-line string as the type of the field's current value (bool, int, float,
+    str, tuples with `split_list`)."""
+    if isinstance(old, bool):
+        if text not in ("True", "False", "true", "false", "1", "0"):
+            raise ConfigError(f"expected True or False, got {text!r}")
+        return text in ("True", "true", "1")
+    if isinstance(old, (tuple, list)):
+        return type(old)(split_list(text))
+    return type(old)(text) if old is not None else text
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every field the stages read; raises ConfigError naming the first bad one."""
     from data_builders import KNOWN

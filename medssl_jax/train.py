@@ -9,7 +9,7 @@ import ml_collections
 
 from data_builders.common import BadInputError
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import dvme, finetune, methods, paths, pretrain
+from medssl_jax import config_lib, dvme, finetune, methods, paths, pretrain
 from medssl_jax.case_store import StaleIndexError
 from medssl_jax.config_lib import SUPERVISED, ConfigError
 from medssl_jax.datasets import DatasetFormatError
@@ -51,6 +51,7 @@ def check_workdir(workdir: str) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the stage named by `config.method` in `workdir` (resuming if it has checkpoints)."""
+    config_lib.normalize_lists(config)  # --config.eval_splits=validation,test: two splits
     workdir = check_workdir(workdir)
     method = config.get("method", "")
     if method in methods.names():

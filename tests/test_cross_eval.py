@@ -60,7 +60,7 @@ def test_mapped_metrics_equal_the_in_distribution_predictions_restricted(tmp_pat
     mapped = ("homogeneous", "globular", "streaks")
     c = _config("linear_eval")
     c.data.data_dir = tfds_data_dir
-    c.eval_splits = ("validation", "test")
+    c.eval_splits = ("validation,test",)  # as --config.eval_splits=validation,test arrives
     c.eval_datasets.same = ml_collections.ConfigDict(
         dict(name="demo", splits="test", label_map=",".join(f"{k}={k}" for k in mapped))
     )
@@ -84,3 +84,62 @@ def test_mapped_metrics_equal_the_in_distribution_predictions_restricted(tmp_pat
     shifted = predictions.read_predictions_csv(tmp_path / saved["predictions"]["test_same"])
     assert shifted.image_ids == full.image_ids
     np.testing.assert_array_equal(shifted.label_mask, keep)
+
+
+def test_list_fields_parse_the_same_everywhere():
+    import sys
+
+    from tests.utils import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import micle_vs_simclr
+
+    c = _config("linear_eval")
+    c.eval_splits = ("validation,test", "test_shifted")
+    config_lib.normalize_lists(c)
+    assert c.eval_splits == ("validation", "test", "test_shifted")
+    micle_vs_simclr._set(c, "eval_splits", "validation, test")
+    assert c.eval_splits == ("validation", "test")
+    micle_vs_simclr._set(c, "async_checkpointing", "True")
+    assert c.async_checkpointing is True
+    with pytest.raises(config_lib.ConfigError, match="expected True or False"):
+        micle_vs_simclr._set(c, "async_checkpointing", "yes")
+
+
+@pytest.mark.slow
+def test_chexpert_finetune_evaluated_on_nih_through_the_mapping(tmp_path, tfds_data_dir):
+    """CheXpert-layout dummy data -> fine-tune -> NIH-layout dummy test list via eval_nih:
+    the mapped conditions' AUCs in results.json and the report's shift section."""
+    import common
+
+    from medssl_jax import report
+    from tests.utils import ROOT
+
+    c = _config("finetune")
+    common.finetune_chexpert(c)
+    common.eval_nih(c)
+    c.data.data_dir = tfds_data_dir
+    c.data.manual_dir = str(ROOT / "data_builders/chexpert/dummy_data")
+    c.data.image_size = 32
+    c.batch_size = 8
+    c.eval_datasets.nih.manual_dir = str(ROOT / "data_builders/nih_chestxray14/dummy_data")
+    train.train_and_evaluate(c, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["eval_datasets"]["test_nih"]["classes"]["Pleural Effusion"] == "Effusion"
+    nih = saved["splits"]["test_nih"]
+    pred = predictions.read_predictions_csv(tmp_path / saved["predictions"]["test_nih"])
+    assert nih["num_examples"] == len(pred.image_ids) > 0
+    # Every mapped condition with both label values in the NIH test images has its AUC, equal
+    # to the AUC of the CSV's scores on its labels; none other is reported.
+    for c_idx, name in enumerate(saved["class_names"]):
+        y = pred.labels[pred.label_mask[:, c_idx], c_idx]
+        if 0 < y.sum() < y.size:
+            s = pred.scores[pred.label_mask[:, c_idx], c_idx]
+            assert nih[f"auc/{name}"] == pytest.approx(metrics.roc_auc(s, y), abs=1e-3)
+        else:
+            assert f"auc/{name}" not in nih
+    assert any(k.startswith("auc/") for k in nih)
+    report.build_report([tmp_path], tmp_path / "report", bootstrap=20)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "test_nih auc_mean" in md
+    assert (tmp_path / "report" / "shift_chexpert_finetune_auc_mean.png").exists()
