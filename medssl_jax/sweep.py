@@ -28,13 +28,18 @@ from ml_collections import config_flags
 from medssl_jax import paths
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Fine-tuning or linear-eval config file.")
-flags.DEFINE_string("workdir", None, "Sweep root directory.")
-flags.DEFINE_list("fractions", ["0.1", "1.0"], "Label fractions.")
-flags.DEFINE_list("seeds", ["0"], "Seeds.")
-flags.DEFINE_multi_string("init", ["scratch"], "NAME or NAME:PRETRAIN_WORKDIR ('scratch').")
-flags.DEFINE_bool("report", True, "Write the report into WORKDIR when done.")
-flags.DEFINE_bool("dvme_probes", True, "DVME config: also a linear probe per encoder.")
+
+
+def _define_flags() -> None:
+    """Defined when run as a program only, so that other programs (medssl_jax.study) can
+    import this module and define flags of the same names."""
+    config_flags.DEFINE_config_file("config", None, "Fine-tuning, linear-eval or DVME config.")
+    flags.DEFINE_string("workdir", None, "Sweep root directory.")
+    flags.DEFINE_list("fractions", ["0.1", "1.0"], "Label fractions.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds.")
+    flags.DEFINE_multi_string("init", ["scratch"], "NAME or NAME:PRETRAIN_WORKDIR ('scratch').")
+    flags.DEFINE_bool("report", True, "Write the report into WORKDIR when done.")
+    flags.DEFINE_bool("dvme_probes", True, "DVME config: also a linear probe per encoder.")
 
 
 def parse_inits(specs: list[str]) -> dict[str, str]:
@@ -118,5 +123,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -72,3 +72,52 @@ def test_dvme_sweep_runs_one_fusion_and_a_probe_per_encoder(tmp_path, monkeypatc
     assert sweep.run_dir(str(tmp_path), "probe(simclr)", 1.0, 1) in dirs
     with pytest.raises(ValueError, match="needs --init=NAME:CHECKPOINT encoders"):
         sweep.run_sweep(dvme.get_config("demo"), str(tmp_path), ["1"], ["0"], {"scratch": ""})
+
+
+def test_study_runs_every_protocol_with_random_baseline(tmp_path, monkeypatch):
+    from medssl_jax import config_lib, study
+
+    calls = []
+
+    def fake_run(config, workdir):
+        calls.append((config.method, config.init_name, config.data.image_size, workdir))
+        return {}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_run)
+    inits = {"simclr": "/a", "swav": "/b"}
+    study.run_study(
+        "demo",
+        str(tmp_path),
+        protocols=["linear_eval", "finetune", "dvme"],
+        fractions=["0.1", "1.0"],
+        seeds=["0"],
+        inits=inits,
+        overrides=["data.image_size=48"],
+    )
+    by = {}
+    for method, init, size, workdir in calls:
+        by.setdefault(method, set()).add(init)
+        assert size == 48 and workdir.startswith(str(tmp_path))
+    assert by["linear_eval"] == by["finetune"] == {"scratch", "simclr", "swav"}
+    assert by["dvme"] == {"dvme(simclr+swav)", "probe(simclr)", "probe(swav)"}
+    assert len(calls) == 2 * (3 + 3 + 3)
+    with pytest.raises(config_lib.ConfigError, match="config.data.nope does not exist"):
+        study.run_study(
+            "demo",
+            str(tmp_path),
+            protocols=["finetune"],
+            fractions=["1"],
+            seeds=["0"],
+            inits=inits,
+            overrides=["data.nope=1"],
+        )
+    with pytest.raises(ValueError, match="--protocols"):
+        study.run_study(
+            "demo",
+            str(tmp_path),
+            protocols=["knn"],
+            fractions=["1"],
+            seeds=["0"],
+            inits=inits,
+            overrides=[],
+        )
