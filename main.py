@@ -16,11 +16,6 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_libraries() -> None:
-    """Orbax logs every checkpoint phase at INFO; keep its warnings (>= 30), drop the chatter."""
-    logging.get_absl_handler().addFilter(lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with config mistakes (unknown field, bad value) as one line, not a trace."""
     try:
@@ -97,7 +92,9 @@ def init_distributed() -> str:
 
 def main(argv):
     del argv
-    _quiet_libraries()
+    from medssl_jax.train import quiet_libraries
+
+    quiet_libraries()
     import jax
 
     how = init_distributed()

@@ -94,8 +94,10 @@ def main(argv):
     del argv
     from medssl_jax import report
     from medssl_jax.sweep import parse_inits
+    from medssl_jax.train import quiet_libraries
 
-    inits = parse_inits(FLAGS.init)
+    quiet_libraries()
+    inits = parse_inits(FLAGS.init, FLAGS.seeds)
     inits.pop("scratch", None)
     if not inits:
         raise app.UsageError("give at least one --init=NAME:CHECKPOINT")

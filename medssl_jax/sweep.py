@@ -4,6 +4,9 @@ r"""Fine-tuning sweeps: label fractions x seeds x initialisations, then the repo
       --fractions=0.1,1.0 --seeds=0,1,2 \
       --init=scratch --init=simclr:runs/simclr_demo --init=micle:runs/micle_demo
 
+An init path with '{seed}' pairs runs: --init=micle:runs/micle_seed{seed} fine-tunes seed s from
+pretraining run runs/micle_seed<s> (several pretraining runs, one per seed).
+
 With a DVME config (configs/dvme.py) the inits are the ENCODERS: each (fraction, seed) runs one
 DVME over all of them (init 'dvme(a+b)') and, with --dvme_probes, a linear probe on each
 encoder's cached features (DVME with one encoder and no attention; init 'probe(a)'):
@@ -42,15 +45,20 @@ def _define_flags() -> None:
     flags.DEFINE_bool("dvme_probes", True, "DVME config: also a linear probe per encoder.")
 
 
-def parse_inits(specs: list[str]) -> dict[str, str]:
-    """{'scratch': '', 'micle': '/runs/micle'}; raises naming a missing checkpoint path."""
+def parse_inits(specs: list[str], seeds: list | None = None) -> dict[str, str]:
+    """{'scratch': '', 'micle': '/runs/micle'}; raises naming a missing checkpoint path.
+
+    A path may contain '{seed}' (one pretraining run per seed: fine-tuning seed s starts from
+    pretraining run s); it must exist for every one of `seeds`.
+    """
     inits = {}
     for spec in specs:
         name, _, path = spec.partition(":")
         if not name:
             raise ValueError(f"--init {spec!r}: expected NAME or NAME:PATH")
-        if path and not paths.path(path).exists():
-            raise FileNotFoundError(f"--init {spec!r}: {path!r} does not exist")
+        for p in {path.replace("{seed}", str(s)) for s in (seeds or [0])} if path else ():
+            if not paths.path(p).exists():
+                raise FileNotFoundError(f"--init {spec!r}: {p!r} does not exist")
         if not path and name != "scratch":
             raise ValueError(f"--init {spec!r}: only 'scratch' may omit the checkpoint path")
         inits[name] = path
@@ -98,6 +106,8 @@ def run_sweep(
             continue
         c = copy.deepcopy(config)
         for key, value in fields.items():
+            if isinstance(value, str):
+                value = value.replace("{seed}", str(seed))  # pretraining run s -> seed s
             node, *rest = key.split(".")
             if rest:
                 c[node][rest[0]] = value
@@ -113,7 +123,10 @@ def run_sweep(
 
 def main(argv):
     del argv
-    inits = parse_inits(FLAGS.init)
+    from medssl_jax.train import quiet_libraries
+
+    quiet_libraries()
+    inits = parse_inits(FLAGS.init, FLAGS.seeds)
     run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.fractions, FLAGS.seeds, inits, FLAGS.dvme_probes)
     if FLAGS.report:
         from medssl_jax import report

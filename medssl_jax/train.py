@@ -30,6 +30,14 @@ USER_ERRORS = (
 )
 
 
+def quiet_libraries() -> None:
+    """Orbax logs every checkpoint phase at INFO; keep its warnings (>= 30), drop the chatter
+    (main.py, sweeps and the study call this)."""
+    from absl import logging
+
+    logging.get_absl_handler().addFilter(lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
+
+
 def check_workdir(workdir: str) -> str:
     """The absolute workdir (local, or a URL such as gs://), created and proven writable, or
     ConfigError naming the problem; CheckpointError if Orbax cannot write checkpoints there."""

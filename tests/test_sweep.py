@@ -121,3 +121,20 @@ def test_study_runs_every_protocol_with_random_baseline(tmp_path, monkeypatch):
             inits=inits,
             overrides=[],
         )
+
+
+def test_seed_placeholder_pairs_pretraining_and_finetuning_runs(tmp_path, monkeypatch):
+    import finetune
+
+    for s in (0, 1):
+        (tmp_path / f"micle_s{s}").mkdir()
+    spec = f"micle:{tmp_path}/micle_s{{seed}}"
+    inits = sweep.parse_inits([spec], ["0", "1"])
+    with pytest.raises(FileNotFoundError, match="micle_s2' does not exist"):
+        sweep.parse_inits([spec], ["0", "1", "2"])
+    calls = []
+    monkeypatch.setattr(
+        train, "train_and_evaluate", lambda c, d: calls.append((c.seed, c.init_checkpoint))
+    )
+    sweep.run_sweep(finetune.get_config("demo"), str(tmp_path / "sw"), ["1"], ["0", "1"], inits)
+    assert sorted(calls) == [(0, f"{tmp_path}/micle_s0"), (1, f"{tmp_path}/micle_s1")]
