@@ -227,7 +227,7 @@ def supervised_config(method: str) -> ml_collections.ConfigDict:
     # top1 rewards predicting the majority class on imbalanced sets such as HAM10000) or
     # auc_mean (multi-label). Also top1, auc_mean, kappa_quadratic (graded) or accuracy.
     c.selection_metric = ""
-    c.eval_splits = ("validation", "test")
+    c.eval_splits = ()  # () = the dataset's own splits except data.split; or e.g. validation,test
     # Other datasets the chosen checkpoint is evaluated on through a label mapping, no further
     # tuning (medssl_jax/cross_eval.py; variants eval_nih, eval_pad_ufes20).
     c.eval_datasets = ml_collections.ConfigDict()

@@ -186,6 +186,11 @@ def _write_missing_meta(builder: tfds.core.DatasetBuilder) -> None:
             case_store.write_meta(builder, split)
 
 
+def split_names(name: str, data_dir: str | None = None) -> tuple[str, ...]:
+    """The splits of a prepared dataset (after `load` of any of its splits)."""
+    return tuple(make_builder(name, data_dir).info.splits.keys())
+
+
 class UnknownSplitError(ValueError):
     """The dataset has no split of that name (the message lists the ones it has)."""
 

@@ -253,10 +253,7 @@ def load_stores(
     first then eval_splits, val_split): all read and checked before anything is compiled;
     an unknown split names its config field."""
     pidx, pcount = jax.process_index(), jax.process_count()
-    eval_splits = list(config.eval_splits)
     val_split = config.get("val_split", "")
-    if val_split and val_split not in eval_splits:
-        eval_splits.insert(0, val_split)
 
     def load(split: str, field: str, **kw: Any) -> CaseStore:
         try:
@@ -269,6 +266,12 @@ def load_stores(
     train_store = load(
         config.data.split, "data.split", label_fraction=float(config.data.label_fraction)
     )
+    eval_splits = list(config.eval_splits)
+    if not eval_splits:  # () = every split of the dataset but the training one
+        names = datasets.split_names(config.data.name, config.data.get("data_dir") or None)
+        eval_splits = [s for s in names if s != config.data.split]
+    if val_split and val_split not in eval_splits:
+        eval_splits.insert(0, val_split)
     eval_stores = {
         s: load(s, "val_split" if s == val_split else "eval_splits") for s in eval_splits
     }

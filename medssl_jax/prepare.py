@@ -61,7 +61,13 @@ def _splits(config) -> list[tuple[dict, str, str]]:
     wanted = [(data, config.data.split, "data.split")]
     if config.get("val_split"):
         wanted.append((data, config.val_split, "val_split"))
-    for s in config.get("eval_splits", ()):
+    evals = list(config.get("eval_splits", ()))
+    if not evals:  # the dataset's own splits (data.split is prepared by then)
+        from medssl_jax import datasets
+
+        names = datasets.split_names(config.data.name, data.get("data_dir") or None)
+        evals = [s for s in names if s != config.data.split]
+    for s in evals:
         wanted.append((data, s, "eval_splits"))
     for entry, e in sorted((config.get("eval_datasets") or {}).items()):
         ext = {
@@ -86,6 +92,10 @@ def prepare(config) -> list[dict[str, Any]]:
     from medssl_jax import config_lib, datasets, input_pipeline
 
     config_lib.normalize_lists(config)
+    try:  # first the training split: it prepares the dataset, whose splits may be listed next
+        input_pipeline.load_store(dict(config.data), config.data.split)
+    except datasets.UnknownSplitError as e:
+        raise config_lib.ConfigError(f"config.data.split: {e}") from None
     rows = []
     for data, split, why in _splits(config):
         t0 = time.time()

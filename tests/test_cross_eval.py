@@ -60,13 +60,14 @@ def test_mapped_metrics_equal_the_in_distribution_predictions_restricted(tmp_pat
     mapped = ("homogeneous", "globular", "streaks")
     c = _config("linear_eval")
     c.data.data_dir = tfds_data_dir
-    c.eval_splits = ("validation,test",)  # as --config.eval_splits=validation,test arrives
+    c.eval_splits = ()  # the default: the dataset's own splits but the training one
     c.eval_datasets.same = ml_collections.ConfigDict(
         dict(name="demo", splits="test", label_map=",".join(f"{k}={k}" for k in mapped))
     )
     train.train_and_evaluate(c, str(tmp_path))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["eval_datasets"]["test_same"]["classes"] == {k: k for k in mapped}
+    assert set(saved["splits"]) == {"validation", "test", "test_shifted", "test_same"}
     full = predictions.read_predictions_csv(tmp_path / saved["predictions"]["test"])
     keep = np.isin(full.labels, [saved["class_names"].index(k) for k in mapped])
     assert 0 < keep.sum() < keep.size

@@ -27,6 +27,13 @@ def test_prepare_summarises_every_split_the_config_reads(tfds_data_dir):
         assert {c: v["images"] for c, v in r["classes"].items()} == per
         assert sum(v["share"] for v in r["classes"].values()) == pytest.approx(1.0)
         assert r["split"] in prepare.format_summary(r)
+    c.eval_splits = ()  # the default: the dataset's own splits but the training one
+    assert [r["split"] for r in prepare.prepare(c)] == [
+        "train",
+        "validation",
+        "test",
+        "test_shifted",
+    ]
     c.eval_splits = ("nope",)
     with pytest.raises(config_lib.ConfigError, match="config.eval_splits: .*nope"):
         prepare.prepare(c)
