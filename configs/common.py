@@ -267,6 +267,25 @@ def finetune_chexpert(c: ml_collections.ConfigDict) -> None:
     c.val_split = "validation"
 
 
+def finetune_pcam(c: ml_collections.ConfigDict) -> None:
+    """PatchCamelyon (96 px lymph-node patches, TFDS catalogue `patch_camelyon` prepared in
+    data.data_dir): tumour vs normal, AUC; Truong et al.'s first task."""
+    c.data.name = "patch_camelyon"
+    c.data.image_size = 96
+    c.eval_splits = ("validation", "test")
+    c.selection_metric = "auc_mean"
+
+
+def finetune_dr(c: ml_collections.ConfigDict) -> None:
+    """Diabetic retinopathy grading 0-4 (TFDS `diabetic_retinopathy_detection`, manual
+    download, btgraham-300), quadratic-weighted kappa chooses the checkpoint."""
+    c.data.name = "diabetic_retinopathy"
+    c.data.image_size = 224  # unverified (btgraham-300 images, random 224 crops)
+    c.graded = True
+    c.selection_metric = "kappa_quadratic"
+    c.eval_splits = ("validation", "test")
+
+
 def eval_nih(c: ml_collections.ConfigDict) -> None:
     """CheXpert's 5 competition conditions on NIH ChestX-ray14's official test list (all five
     exist there; 'Pleural Effusion' is NIH's 'Effusion').

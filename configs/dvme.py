@@ -18,7 +18,7 @@ attention (False: no block; tokens go straight to the fusion projection), dropou
 (features; default WORKDIR/features, share it between runs to compute each encoder once).
 Our reading of the paper where it is silent: ONE pre-norm block, 8 heads, MLP ratio 4, GELU,
 no activation between the fusion projection and the linear head, Adam, encoders frozen.
-Variants: demo | probe (one encoder, no attention) | chexpert | derm.
+Variants: demo | probe (one encoder, no attention) | chexpert | derm | pcam | dr.
 """
 
 import os
@@ -73,6 +73,8 @@ def get_config(arg: str | None = None):
             "probe": _probe,
             "chexpert": common.finetune_chexpert,
             "derm": common.finetune_derm,
+            "pcam": common.finetune_pcam,
+            "dr": common.finetune_dr,
         },
     )
     return c

@@ -8,7 +8,7 @@ Launch:
       --config.data.manual_dir=/data/CheXpert-v1.0-small --config.init_checkpoint=PRETRAIN_DIR
 Variants (comma-separated, applied in order):
   r50_1x | r50_4x | r152_2x | r152_3x_sk1 | tiny   architecture (must match the checkpoint)
-  derm | chexpert | demo                          dataset recipe
+  derm | chexpert | pcam | dr | demo             dataset recipe
   eval_nih | eval_pad_ufes20                      also evaluate on another dataset (mapped
                                                   classes; chexpert -> NIH, derm -> PAD-UFES-20)
   python main.py --config=configs/finetune.py:r50_1x,chexpert,eval_nih --workdir=DIR \
@@ -36,6 +36,8 @@ def get_config(arg: str | None = None):
             "demo": common.finetune_demo,
             "chexpert": common.finetune_chexpert,
             "derm": common.finetune_derm,
+            "pcam": common.finetune_pcam,
+            "dr": common.finetune_dr,
             "eval_nih": common.eval_nih,
             "eval_pad_ufes20": common.eval_pad_ufes20,
         },

@@ -3,7 +3,8 @@ r"""Linear evaluation: a linear head on frozen features (stop_gradient, BN in in
 Launch:
   python main.py --config=configs/linear_eval.py:demo --workdir=/tmp/lin_demo \
       --config.init_checkpoint=/tmp/micle_demo --config.init_name=micle
-Variants: r50_1x | r50_4x | r152_2x | r152_3x_sk1 | tiny (architecture), derm | chexpert | demo.
+Variants: r50_1x | r50_4x | r152_2x | r152_3x_sk1 | tiny (architecture), derm | chexpert | pcam |
+dr | demo, eval_nih | eval_pad_ufes20.
 The backbone parameters are bit-identical after training (only the head is updated).
 """
 
@@ -38,6 +39,8 @@ def get_config(arg: str | None = None):
             "demo": _demo,
             "chexpert": common.finetune_chexpert,
             "derm": common.finetune_derm,
+            "pcam": common.finetune_pcam,
+            "dr": common.finetune_dr,
             "eval_nih": common.eval_nih,
             "eval_pad_ufes20": common.eval_pad_ufes20,
         },

@@ -13,4 +13,6 @@ KNOWN = (
     "image_folder_unlabeled",
     "dicom_folder",
     "nih_chestxray14",
+    "patch_camelyon",
+    "diabetic_retinopathy",
 )

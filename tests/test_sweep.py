@@ -138,3 +138,15 @@ def test_seed_placeholder_pairs_pretraining_and_finetuning_runs(tmp_path, monkey
     )
     sweep.run_sweep(finetune.get_config("demo"), str(tmp_path / "sw"), ["1"], ["0", "1"], inits)
     assert sorted(calls) == [(0, f"{tmp_path}/micle_s0"), (1, f"{tmp_path}/micle_s1")]
+
+
+@pytest.mark.parametrize("protocol", ["linear_eval", "finetune", "dvme"])
+@pytest.mark.parametrize("task", ["demo", "chexpert", "derm", "pcam", "dr"])
+def test_study_tasks_exist_for_every_protocol(protocol, task):
+    """The study's --task must be a variant of all three protocol configs, and valid."""
+    from medssl_jax import config_lib, study
+
+    c = study.protocol_config(protocol, task, ["dvme.encoders=a=/x"] if protocol == "dvme" else [])
+    config_lib.validate(c)
+    if task == "dr":
+        assert c.graded and c.selection_metric == "kappa_quadratic"
