@@ -15,7 +15,9 @@ Fields (dvme.*): encoders 'name=checkpoint[,name=checkpoint...]' (each network's
 input normalisation come from its checkpoint; features per DINO's protocol: ResNet pooled,
 ViT CLS of the last 4 blocks), token_dim / out_dim 512 (the paper's), num_heads, mlp_ratio,
 attention (False: no block; tokens go straight to the fusion projection), dropout, cache_dir
-(features; default WORKDIR/features, share it between runs to compute each encoder once).
+(features; default WORKDIR/features, share it between runs to compute each encoder once),
+finetune_encoders (True: the encoders are fine-tuned end to end through DVME on images, with
+the fine-tune augmentations; results are then a fine-tune, not a linear evaluation).
 Our reading of the paper where it is silent: ONE pre-norm block, 8 heads, MLP ratio 4, GELU,
 no activation between the fusion projection and the linear head, Adam, encoders frozen.
 Variants: demo | probe (one encoder, no attention) | chexpert | derm | pcam | dr.
@@ -57,12 +59,13 @@ def get_config(arg: str | None = None):
     c.dvme.attention = True
     c.dvme.dropout = 0.0
     c.dvme.cache_dir = ""
+    c.dvme.finetune_encoders = False  # True: encoders fine-tuned end to end through DVME
     c.optim.name = "adam"
     c.optim.base_learning_rate = 0.001
     c.optim.lr_scaling = "none"
     c.optim.weight_decay = 0.0
-    c.augment.crop = False  # features are computed once, without augmentation
-    c.augment.flip = False
+    c.augment.crop = True  # used only with finetune_encoders (cached features see no augmentation)
+    c.augment.flip = True
     c.batch_size = 256
     c.num_epochs = 30.0
     common.apply_args(

@@ -3,14 +3,18 @@ frozen pretrained encoders, chosen on validation, evaluated on every eval split.
 
 `python main.py --config=configs/dvme.py:demo --workdir=DIR --config.dvme.encoders=a=RUN,b=RUN`.
 Features are computed once per (encoder, split) and cached (`medssl_jax.features`); the head's
-training goes through the common loop (checkpoints, preemption, resume, progress). results.json
-is a linear evaluation (kind 'linear_eval', init `init_name`, by default 'dvme(a+b)') with a
-'dvme' entry: the encoders and, per split, the mean attention each encoder receives.
-Encoders are frozen here; end-to-end fine-tuning of the encoders through DVME is not built.
+training goes through the common loop (checkpoints, preemption, resume, progress). With
+`dvme.finetune_encoders=True` the encoders are fine-tuned end to end through DVME on images
+instead (each backbone warm-started from its checkpoint, fine-tune augmentations). results.json
+is a linear evaluation (frozen) or a fine-tune (end to end), init `init_name` (default
+'dvme(a+b)'), with a 'dvme' entry: the encoders and, per split, the mean attention each
+encoder receives.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,12 +24,23 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from medssl_jax import config_lib, features, finetune, losses, optim, paths, sharding
+from medssl_jax import (
+    augment_device,
+    config_lib,
+    features,
+    finetune,
+    input_pipeline,
+    losses,
+    optim,
+    paths,
+    sharding,
+)
+from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax.case_store import CaseStore
 from medssl_jax.loop import fit
-from medssl_jax.models.dvme import DVME
+from medssl_jax.models.dvme import DVME, DVMEOverImages
 from medssl_jax.results import write_results
-from medssl_jax.state import TrainState, compile_train, label_structs
+from medssl_jax.state import TrainState, compile_train, init_variables, label_structs
 
 __all__ = ["model_from_config", "train_and_evaluate", "validate"]
 
@@ -89,26 +104,32 @@ def _batches(
         step += 1
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Extracts (or reads) every encoder's features, trains the DVME head, writes predictions,
-    `results.json` and the encoders' mean attention."""
-    config_lib.validate(config)
-    encoders = [
-        features.encoder_from_checkpoint(n, p)
-        for n, p in features.parse_encoders(config.dvme.encoders)
-    ]
-    mesh = sharding.make_mesh()
-    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+@dataclasses.dataclass
+class _Trainer:
+    """What the common loop needs from a DVME variant (cached features or end to end)."""
+
+    built: Any
+    state: TrainState
+    make_batches: Callable[[int], Any]
+    batch_keys: tuple[str, ...]
+    predict: Callable[[Any, Any, str], dict[str, np.ndarray]]  # (params, stats, split)
+    feature_dims: list[int]  # one per encoder
+
+
+def _loss(out: dict, batch: dict, multilabel: bool) -> tuple[jax.Array, dict]:
+    if multilabel:
+        return losses.masked_sigmoid_ce(out["logits"], batch["label"], batch["label_mask"]), {}
+    loss, acc = losses.masked_softmax_ce(out["logits"], batch["label"])
+    return loss, {"accuracy": acc}
+
+
+def _cached(config, ctx: dict, encoders: list, tx, lr) -> _Trainer:
+    """The DVME head on cached frozen-encoder features (`medssl_jax.features`)."""
+    mesh, local_batch, spec = ctx["mesh"], ctx["local_batch"], ctx["spec"]
+    train_store, eval_stores = ctx["train_store"], ctx["eval_stores"]
     pidx, pcount = jax.process_index(), jax.process_count()
-    train_store, eval_stores, val_split = finetune.load_stores(config)
-    spec = train_store.spec
-    selection = finetune.selection_metric(config, spec.label_kind)
-    if spec.label_kind not in ("multiclass", "multilabel"):
-        raise config_lib.ConfigError(
-            f"config.data.name: {spec.name!r} has no labels ({spec.label_kind}); DVME needs them"
-        )
     size = int(config.data.image_size)
-    cache_dir = config.dvme.get("cache_dir") or f"{workdir}/features"
+    cache_dir = config.dvme.get("cache_dir") or f"{ctx['workdir']}/features"
 
     def embed(store: CaseStore) -> list[np.ndarray]:
         return [
@@ -122,10 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_feats = {s: embed(st) for s, st in eval_stores.items()}
     dims = [f.shape[1] for f in train_feats]
     logging.info("DVME over %s: feature sizes %s", [e.name for e in encoders], dims)
-
-    total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
     model = model_from_config(config, spec.num_classes)
-    tx, lr, _ = optim.from_config(config, total_steps, warmup_steps)
     keys = _embedding_keys(len(encoders))
     multilabel = spec.label_kind == "multilabel"
     data_sh, repl = sharding.batch_sharded(mesh), sharding.replicated(mesh)
@@ -140,15 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         rng = jax.random.fold_in(jax.random.key(int(config.seed)), state.step)
 
         def loss_fn(params):
-            out = model.apply(
-                {"params": params}, [batch[k] for k in keys], train=True, rngs={"dropout": rng}
-            )
-            m = {}
-            if multilabel:
-                loss = losses.masked_sigmoid_ce(out["logits"], batch["label"], batch["label_mask"])
-            else:
-                loss, m["accuracy"] = losses.masked_softmax_ce(out["logits"], batch["label"])
-            return loss, m
+            embs = [batch[k] for k in keys]
+            out = model.apply({"params": params}, embs, train=True, rngs={"dropout": rng})
+            return _loss(out, batch, multilabel)
 
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         m.update(loss=loss, learning_rate=lr(state.step))
@@ -172,7 +184,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         abstract_batch=abstract_batch,
         nan_policy=config.get("nan_policy", "stop"),
     )
-    state = built.init(jax.random.key(int(config.seed)))
 
     def eval_fn(params, batch):
         out = model.apply({"params": params}, [batch[k] for k in keys], train=False)
@@ -181,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     eval_jit = jax.jit(eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
 
-    def predict(params, split: str) -> dict[str, np.ndarray]:
+    def predict(params, _batch_stats, split: str) -> dict[str, np.ndarray]:
         store, feats = eval_stores[split], eval_feats[split]
         n = store.num_images
         n_batches = -(-n // local_batch)
@@ -195,8 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             valid = (rows < n).astype(np.float32)
             rows = np.minimum(rows, max(n - 1, 0))
             batch = {k: f[rows] for k, f in zip(keys, feats, strict=True)}
-            batch |= {"valid": valid, "index": rows}
-            batch |= {"label": store.labels[rows]}
+            batch |= {"valid": valid, "index": rows, "label": store.labels[rows]}
             if multilabel:
                 batch["label_mask"] = store.label_masks[rows]
             res = jax.device_get(eval_jit(params, sharding.to_global(batch, mesh)))
@@ -210,6 +220,155 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             out.setdefault("local_index", []).append(res["index"][mine][keep])
         return {k: np.concatenate(v) for k, v in out.items()}
 
+    return _Trainer(
+        built=built,
+        state=built.init(jax.random.key(int(config.seed))),
+        make_batches=lambda s: _batches(train_feats, train_store, local_batch, int(config.seed), s),
+        batch_keys=tuple(abstract_batch),
+        predict=predict,
+        feature_dims=dims,
+    )
+
+
+def _end_to_end(config, ctx: dict, encoders: list, tx, lr) -> _Trainer:
+    """Encoders fine-tuned through DVME on images: each a SimCLRModel backbone warm-started
+    from its checkpoint (BatchNorm in training mode), the DVME head on their features."""
+    from medssl_jax.models import create_model
+
+    mesh, local_batch, spec = ctx["mesh"], ctx["local_batch"], ctx["spec"]
+    size = int(config.data.image_size)
+    nets = [
+        create_model(
+            e.model["variant"],
+            num_classes=0,
+            vit_n_last_blocks=e.vit_n_last_blocks,
+            **{k: v for k, v in e.model.items() if k != "variant"},
+        )
+        for e in encoders
+    ]
+    model = DVMEOverImages(encoders=tuple(nets), head=model_from_config(config, spec.num_classes))
+    data_sh = sharding.batch_sharded(mesh)
+    loaded = [ckpt_lib.load_variables(e.checkpoint)[:2] for e in encoders]
+    x = jnp.zeros((2, size, size, 3), jnp.float32)
+    dims = [  # shapes only: nothing is computed
+        int(
+            jax.eval_shape(lambda n=n: n.init_with_output(jax.random.key(0), x, train=False))[0][
+                "features"
+            ].shape[-1]
+        )
+        for n in nets
+    ]
+
+    def init(rng: jax.Array) -> TrainState:
+        params, stats = init_variables(model, rng, size)
+        params, stats = dict(params), dict(stats)
+        for i, (p, bs) in enumerate(loaded):  # each encoder's backbone from its checkpoint
+            params[f"encoders_{i}"] = dict(params[f"encoders_{i}"]) | {"backbone": p["backbone"]}
+            if "backbone" in bs:
+                stats[f"encoders_{i}"] = dict(stats[f"encoders_{i}"]) | {"backbone": bs["backbone"]}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=stats,
+            opt_state=tx.init(params),
+        )
+
+    step = finetune.make_train_step(model, tx, lr, label_kind=spec.label_kind)
+    b = int(config.batch_size)
+    abstract_batch = {
+        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=data_sh),
+        **label_structs(b, spec.num_classes, spec.label_kind, data_sh),
+    }
+    built = compile_train(
+        model,
+        tx,
+        lr,
+        step,
+        mesh,
+        init=init,
+        abstract_batch=abstract_batch,
+        nan_policy=config.get("nan_policy", "stop"),
+    )
+
+    def eval_step(params, batch_stats, batch):
+        out = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            augment_device.as_float(batch["image"]),
+            train=False,
+        )
+        rest = {k: v for k, v in batch.items() if k != "image"}
+        return rest | {"logits": out["logits"], "encoder_weights": out["encoder_weights"]}
+
+    placed, repl = built.state_sharding, sharding.replicated(mesh)
+    eval_jit = jax.jit(
+        eval_step, in_shardings=(placed.params, placed.batch_stats, data_sh), out_shardings=repl
+    )
+
+    def predict(params, batch_stats, split: str) -> dict[str, np.ndarray]:
+        return finetune.predict(
+            eval_jit,
+            params,
+            batch_stats,
+            ctx["eval_stores"][split],
+            mesh,
+            local_batch=local_batch,
+            image_size=size,
+        )
+
+    def make_batches(start_step: int):
+        ds, _ = input_pipeline.finetune_dataset(
+            ctx["train_store"],
+            batch_size=local_batch,
+            image_size=size,
+            aug=dict(config.augment),
+            seed=int(config.seed),
+            start_step=start_step,
+            process_index=jax.process_index(),
+        )
+        return ds.as_numpy_iterator()
+
+    keys = ("image", "label") + (("label_mask",) if spec.label_kind == "multilabel" else ())
+    return _Trainer(
+        built=built,
+        state=built.init(jax.random.key(int(config.seed))),
+        make_batches=make_batches,
+        batch_keys=keys,
+        predict=predict,
+        feature_dims=dims,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains DVME (head on cached features, or encoders end to end with
+    `dvme.finetune_encoders`), chooses on validation, writes predictions, `results.json` and
+    the encoders' mean attention."""
+    config_lib.validate(config)
+    encoders = [
+        features.encoder_from_checkpoint(n, p)
+        for n, p in features.parse_encoders(config.dvme.encoders)
+    ]
+    mesh = sharding.make_mesh()
+    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_store, eval_stores, val_split = finetune.load_stores(config)
+    spec = train_store.spec
+    selection = finetune.selection_metric(config, spec.label_kind)
+    if spec.label_kind not in ("multiclass", "multilabel"):
+        raise config_lib.ConfigError(
+            f"config.data.name: {spec.name!r} has no labels ({spec.label_kind}); DVME needs them"
+        )
+    total_steps, warmup_steps = config_lib.steps(config, spec.num_images)
+    tx, lr, _ = optim.from_config(config, total_steps, warmup_steps)
+    ctx = dict(
+        mesh=mesh,
+        local_batch=local_batch,
+        spec=spec,
+        train_store=train_store,
+        eval_stores=eval_stores,
+        workdir=workdir,
+    )
+    end_to_end = bool(config.dvme.get("finetune_encoders", False))
+    trainer = (_end_to_end if end_to_end else _cached)(config, ctx, encoders, tx, lr)
     graded = bool(config.get("graded", False))
     best = finetune._BestKeeper(workdir, val_split, selection) if val_split else None
     eval_writer = metric_writers.create_default_writer(
@@ -219,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def after_step(step_no: int, st: TrainState) -> None:
         if best is None or (step_no % int(config.eval_every_steps) and step_no != total_steps):
             return
-        m = finetune.split_metrics(predict(st.params, val_split), spec, graded=graded)
+        pred = trainer.predict(st.params, st.batch_stats, val_split)
+        m = finetune.split_metrics(pred, spec, graded=graded)
         eval_writer.write_scalars(step_no, {f"{val_split}/{k}": v for k, v in m.items()})
         best.offer(step_no, m, st)
 
@@ -227,24 +387,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config=config,
         workdir=workdir,
         mesh=mesh,
-        state=state,
-        train_step=built.step,
-        make_batches=lambda s: _batches(train_feats, train_store, local_batch, int(config.seed), s),
-        batch_keys=tuple(abstract_batch),
+        state=trainer.state,
+        train_step=trainer.built.step,
+        make_batches=trainer.make_batches,
+        batch_keys=trainer.batch_keys,
         total_steps=total_steps,
-        global_batch_size=b,
+        global_batch_size=int(config.batch_size),
         images_per_example=1,
-        restore_abstract=built.abstract_state,
+        restore_abstract=trainer.built.abstract_state,
         meta={"method": config.method, "config": config.to_dict()},
         after_step=after_step,
     )
-    params, chosen = state.params, summary["step"]
+    params, batch_stats, chosen = state.params, state.batch_stats, summary["step"]
     if best is not None and best.step is not None:
-        params, _ = best.restore(state)
+        params, batch_stats = best.restore(state)
         chosen = best.step
     split_results, preds, attention = {}, {}, {}
+    names = [e.name for e in encoders]
     for split in eval_stores:
-        pred = predict(params, split)
+        pred = trainer.predict(params, batch_stats, split)
         split_results[split] = finetune.split_metrics(pred, eval_stores[split].spec, graded=graded)
         attention[split] = [float(v) for v in pred["encoder_weights"].mean(0)]
         name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
@@ -255,12 +416,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "%s: %s; mean attention %s",
             split,
             {k: round(v, 4) for k, v in split_results[split].items() if "/" not in k},
-            dict(zip([e.name for e in encoders], np.round(attention[split], 3), strict=True)),
+            dict(zip(names, np.round(attention[split], 3), strict=True)),
         )
     eval_writer.flush()
-    names = [e.name for e in encoders]
     results = {
-        "kind": "linear_eval",
+        "kind": "finetune" if end_to_end else "linear_eval",
         "name": config.get("name") or paths.path(workdir).name,
         "dataset": spec.name,
         "label_kind": spec.label_kind,
@@ -276,10 +436,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "selection_metric": selection if val_split else "",
         "dvme": {
             "encoders": [
-                e.describe() | {"feature_dim": d} for e, d in zip(encoders, dims, strict=True)
+                e.describe() | {"feature_dim": d}
+                for e, d in zip(encoders, trainer.feature_dims, strict=True)
             ],
             "attention": bool(config.dvme.attention),
-            "frozen": True,
+            "frozen": not end_to_end,
             "mean_encoder_weights": {
                 s: dict(zip(names, w, strict=True)) for s, w in attention.items()
             },

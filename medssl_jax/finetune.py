@@ -169,7 +169,7 @@ def predict(
             padding = {k: np.zeros_like(v) for k, v in batch.items()}
         res = jax.device_get(eval_step(params, batch_stats, sharding.to_global(batch, mesh)))
         valid = res["valid"] > 0
-        for k in ("logits", "label", "label_mask"):
+        for k in ("logits", "label", "label_mask", "encoder_weights"):
             if k in res:
                 out.setdefault(k, []).append(res[k][valid])
         rows = slice(pid * local_batch, (pid + 1) * local_batch)

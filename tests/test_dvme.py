@@ -125,3 +125,29 @@ def test_report_shows_the_attention(run, tmp_path):
     w = res["dvme"]["mean_encoder_weights"]["test_shifted"]
     assert f"| dvme(simclr+swav) | 1 | test_shifted | simclr {w['simclr']:.3f}, swav " in md
     assert tmp_path / "dvme_attention_demo_linear_eval.png" in written
+
+
+def test_end_to_end_finetunes_encoders_from_their_checkpoints(encoders, tfds_data_dir, tmp_path):
+    import jax
+
+    from medssl_jax import checkpoint
+
+    c = _config(encoders, tfds_data_dir, tmp_path / "cache", num_steps=4)
+    c.dvme.finetune_encoders = True
+    c.eval_every_steps = 2
+    res = train.train_and_evaluate(c, str(tmp_path / "e2e"))
+    assert res["kind"] == "finetune" and res["dvme"]["frozen"] is False
+    w = res["dvme"]["mean_encoder_weights"]["validation"]
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-5)
+    assert not (tmp_path / "cache").exists()  # images, not cached features
+    got, stats, _ = checkpoint.load_variables(str(tmp_path / "e2e"))
+    for i, name in enumerate(("simclr", "swav")):
+        src, src_stats, _ = checkpoint.load_variables(encoders[name])
+        trained = got[f"encoders_{i}"]["backbone"]
+        # Started from the checkpoint, then trained 4 steps: changed, but still close to it (a
+        # fresh initialisation is as far from it as the weights are large).
+        a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(trained)])
+        b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(src["backbone"])])
+        assert a.shape == b.shape and not np.array_equal(a, b)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
+        assert set(stats[f"encoders_{i}"]) >= {"backbone"}

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DVME"]
+__all__ = ["DVME", "DVMEOverImages"]
 
 
 class DVME(nn.Module):
@@ -72,3 +72,16 @@ class DVME(nn.Module):
         fused = nn.Dense(self.out_dim, name="fuse")(tokens.reshape(b, m * self.token_dim))
         logits = nn.Dense(self.num_classes, name="head")(fused)
         return {"logits": logits, "attention": attn, "encoder_weights": attn.mean(axis=(1, 2))}
+
+
+class DVMEOverImages(nn.Module):
+    """End-to-end DVME: images [B, H, W, 3] in [0, 1] -> each encoder's pooled features (a
+    SimCLRModel each, params under 'encoders_<i>') -> the DVME `head` (params under 'head').
+    Returns the head's dict (logits, attention, encoder_weights)."""
+
+    encoders: Sequence[nn.Module]
+    head: DVME
+
+    def __call__(self, x: jax.Array, train: bool) -> dict:
+        feats = [enc(x, train=train)["features"] for enc in self.encoders]
+        return self.head(feats, train=train)
