@@ -43,13 +43,13 @@ def _demo(c):
 
 def _probe(c):
     c.dvme.attention = False
-    c.init_name = ""  # results' init: dvme(<encoder>); name a probe yourself with init_name
+    c.init_name = ""  # results' init: probe(<encoder>)
 
 
 def get_config(arg: str | None = None):
     c = common.supervised_config("dvme")
     c.method = "dvme"
-    c.init_name = ""  # '' = dvme(<encoder names joined by +>)
+    c.init_name = ""  # '' = dvme(<encoders joined by +>), or probe(<encoder>) for a probe
     c.dvme = ml_collections.ConfigDict()
     c.dvme.encoders = ""
     c.dvme.token_dim = 512

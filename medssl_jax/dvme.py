@@ -75,6 +75,13 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> DV
     )
 
 
+def _default_init(names: list[str], attention: bool) -> str:
+    """'dvme(a+b)'; one encoder without attention is a linear probe: 'probe(a)'."""
+    if len(names) == 1 and not attention:
+        return f"probe({names[0]})"
+    return f"dvme({'+'.join(names)})"
+
+
 def _embedding_keys(n: int) -> list[str]:
     return [f"emb{i}" for i in range(n)]
 
@@ -424,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "name": config.get("name") or paths.path(workdir).name,
         "dataset": spec.name,
         "label_kind": spec.label_kind,
-        "init": config.get("init_name") or f"dvme({'+'.join(names)})",
+        "init": config.get("init_name") or _default_init(names, bool(config.dvme.attention)),
         "label_fraction": float(config.data.label_fraction),
         "seed": int(config.seed),
         "step": int(chosen),

@@ -405,6 +405,8 @@ def _attention_section(
     acc: dict[tuple[str, float, str], list[dict[str, float]]] = defaultdict(list)
     for r in runs:
         for split, w in r.results.get("dvme", {}).get("mean_encoder_weights", {}).items():
+            if len(w) < 2:  # one encoder (a probe): attention is trivially 1
+                continue
             acc[(r.results["init"], float(r.results["label_fraction"]), split)].append(w)
     if not acc:
         return []
