@@ -457,3 +457,15 @@ def test_dr_bad_names_are_named(tmp_path):
     assert "diabetic_retinopathy_detection/btgraham-300 3.0.0 split 'train', row" in msg
     assert "'2_middle' is not '<patient>_left' or '<patient>_right'" in msg
     assert "duplicate image id '1_left'" in msg and "2 bad input row" in msg
+
+
+def test_our_chexpert_leaves_the_catalogue_intact():
+    """Our 'chexpert' takes TFDS's name over without breaking the rest of the catalogue
+    (TFDS's own Chexpert failing to register used to hide diabetic_retinopathy_detection)."""
+    import data_builders.chexpert as chx
+
+    assert tfds.builder_cls("chexpert") is chx.Chexpert
+    assert tfds.builder_cls("diabetic_retinopathy_detection").__name__ == (
+        "DiabeticRetinopathyDetection"
+    )
+    assert tfds.builder_cls("patch_camelyon").name == "patch_camelyon"

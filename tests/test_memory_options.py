@@ -11,6 +11,7 @@ import pytest
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, pretrain, sharding
 from tests.test_pretrain import NUM_CLASSES, batches_for, method_config
+from tests.utils import step_through
 
 OPTIONS = {  # name -> (model.remat, sharding.fsdp)
     "dp": (False, False),
@@ -43,14 +44,7 @@ def build(config):
 def run(config, batches):
     """(built, initial state on host, final state on device, metrics per step on host)."""
     built = build(config)
-    mesh = sharding.make_mesh()
-    state = built.init(jax.random.key(0))
-    init = jax.device_get(state)
-    metrics = []
-    for b in batches:
-        b = {k: v for k, v in b.items() if k in built.abstract_batch}
-        state, m = built.step(state, sharding.to_global(b, mesh))
-        metrics.append(jax.device_get(m))
+    init, state, metrics = step_through(built, sharding.make_mesh(), batches)
     return built, init, state, metrics
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from medssl_jax import methods, pretrain, sharding
 from medssl_jax.state import TrainState
-from tests.utils import synthetic_pretrain_batch, tiny_pretrain_config
+from tests.utils import step_through, synthetic_pretrain_batch, tiny_pretrain_config
 
 NUM_CLASSES = 5
 METHODS = ("simclr", "swav", "dino", "hybrid")
@@ -37,13 +37,7 @@ def run_steps(devices, config, batches, num_classes=NUM_CLASSES):
         warmup_steps=1,
         steps_per_epoch=1,
     )
-    state = built.init(jax.random.key(0))
-    init = jax.device_get(state)
-    metrics = []
-    for b in batches:
-        b = {k: v for k, v in b.items() if k in built.abstract_batch}
-        state, m = built.step(state, sharding.to_global(b, mesh))
-        metrics.append(jax.device_get(m))
+    init, state, metrics = step_through(built, mesh, batches)
     return init, jax.device_get(state), metrics
 
 

@@ -51,3 +51,20 @@ def synthetic_pretrain_batch(
         "patient_key": rng.integers(0, 4, size=batch).astype(np.int32),
         "distinct": (rng.uniform(size=batch) < 0.5).astype(np.float32),
     }
+
+
+def step_through(built, mesh, batches) -> tuple:
+    """(initial state on host, final state on device, metrics per step on host) of running
+    `built.step` over host `batches` (keys the step does not take are dropped)."""
+    import jax
+
+    from medssl_jax import sharding
+
+    state = built.init(jax.random.key(0))
+    init = jax.device_get(state)
+    metrics = []
+    for b in batches:
+        b = {k: v for k, v in b.items() if k in built.abstract_batch}
+        state, m = built.step(state, sharding.to_global(b, mesh))
+        metrics.append(jax.device_get(m))
+    return init, state, metrics

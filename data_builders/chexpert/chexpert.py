@@ -201,4 +201,8 @@ def parse_row(
 # TFDS ships a legacy `chexpert` builder (one example per image, 3.1.0). This case-level builder
 # takes the name over on import, so `tfds.builder('chexpert')` and
 # `medssl_jax.datasets.load('chexpert')` use it (its data lives under chexpert/<config>/1.0.0).
+# TFDS's legacy builders are imported first (once; about 0.1 s): imported after the takeover,
+# its own Chexpert class would fail to register and take every other catalogue builder of its
+# package down with it (e.g. `diabetic_retinopathy_detection` would be "not found").
+registered._import_legacy_builders()  # noqa: SLF001
 registered._DATASET_REGISTRY[Chexpert.name] = Chexpert  # noqa: SLF001
