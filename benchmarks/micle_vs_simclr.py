@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,14 +44,24 @@ def _set(c, key: str, value: str) -> None:
     node[last] = parse_value(node[last], value)  # lists: a,b (as main.py's --config.x=a,b)
 
 
+_T0 = time.time()
+
+
 def _run(config, workdir: str) -> dict:
+    """One stage (reused when its results exist), with a progress line: these scripts log at
+    WARNING, so this is what shows they are alive."""
     from medssl_jax import train
 
     path = os.path.join(workdir, "results.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    return train.train_and_evaluate(config, workdir)
+    steps = config.get("num_steps", -1)
+    print(f"[{time.time() - _T0:7.0f} s] {config.method} ({steps} steps) -> {workdir}", flush=True)
+    t = time.time()
+    res = train.train_and_evaluate(config, workdir)
+    print(f"[{time.time() - _T0:7.0f} s]   done in {time.time() - t:.0f} s", flush=True)
+    return res
 
 
 def _table(rows: list[dict], names: list[str], n_seeds: int) -> tuple[str, dict]:
