@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -279,3 +280,19 @@ def source_metadata(source: tfds.core.DatasetBuilder) -> dict[str, str]:
         "version": str(source.version),
         "data_dir": os.fspath(source.data_dir),
     }
+
+
+def case_examples(
+    builder: Any, cases: Sequence[common.Case], key: str, per_image: Sequence[str] = ("label",)
+) -> Iterator[tuple[str, dict]]:
+    """A catalogue-backed builder's `_generate_examples`: (case id, example) with the case's
+    images streamed from the catalogue and the `per_image` fields of its records."""
+    for case, images in stream_cases(builder.name, builder._source, cases, builder._origin, key):
+        example = {
+            "case_id": case.case_id,
+            "patient_id": case.patient_id,
+            "images": images,
+            "image_ids": [r.image_id for r in case.images],
+        }
+        example |= {f: [r.fields[f] for r in case.images] for f in per_image}
+        yield case.case_id, example

@@ -27,6 +27,7 @@ from clu import metric_writers
 from medssl_jax import (
     augment_device,
     config_lib,
+    eval_loop,
     features,
     finetune,
     input_pipeline,
@@ -134,7 +135,6 @@ def _cached(config, ctx: dict, encoders: list, tx, lr) -> _Trainer:
     """The DVME head on cached frozen-encoder features (`medssl_jax.features`)."""
     mesh, local_batch, spec = ctx["mesh"], ctx["local_batch"], ctx["spec"]
     train_store, eval_stores = ctx["train_store"], ctx["eval_stores"]
-    pidx, pcount = jax.process_index(), jax.process_count()
     size = int(config.data.image_size)
     cache_dir = config.dvme.get("cache_dir") or f"{ctx['workdir']}/features"
 
@@ -199,33 +199,30 @@ def _cached(config, ctx: dict, encoders: list, tx, lr) -> _Trainer:
 
     eval_jit = jax.jit(eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
 
-    def predict(params, _batch_stats, split: str) -> dict[str, np.ndarray]:
-        store, feats = eval_stores[split], eval_feats[split]
+    def feature_batches(store: CaseStore, feats: list[np.ndarray]):
+        """Local batches of cached features in row order; the last one padded (valid 0)."""
         n = store.num_images
-        n_batches = -(-n // local_batch)
-        if pcount > 1:
-            from jax.experimental import multihost_utils
-
-            n_batches = int(np.max(multihost_utils.process_allgather(np.asarray(n_batches))))
-        out: dict[str, list] = {}
-        for i in range(n_batches):
-            rows = np.arange(i * local_batch, (i + 1) * local_batch)
+        for start in range(0, n, local_batch):
+            rows = np.arange(start, start + local_batch)
             valid = (rows < n).astype(np.float32)
-            rows = np.minimum(rows, max(n - 1, 0))
+            rows = np.minimum(rows, n - 1)
             batch = {k: f[rows] for k, f in zip(keys, feats, strict=True)}
             batch |= {"valid": valid, "index": rows, "label": store.labels[rows]}
             if multilabel:
                 batch["label_mask"] = store.label_masks[rows]
-            res = jax.device_get(eval_jit(params, sharding.to_global(batch, mesh)))
-            ok = res["valid"] > 0
-            for k in ("logits", "label", "label_mask", "encoder_weights"):
-                if k in res:
-                    out.setdefault(k, []).append(res[k][ok])
-            mine = slice(pidx * local_batch, (pidx + 1) * local_batch)
-            keep = res["valid"][mine] > 0
-            out.setdefault("local_logits", []).append(res["logits"][mine][keep])
-            out.setdefault("local_index", []).append(res["index"][mine][keep])
-        return {k: np.concatenate(v) for k, v in out.items()}
+            yield batch
+
+    def predict(params, _batch_stats, split: str) -> dict[str, np.ndarray]:
+        store = eval_stores[split]
+        return eval_loop.run(
+            lambda batch: eval_jit(params, batch),
+            feature_batches(store, eval_feats[split]),
+            store.num_images,
+            local_batch=local_batch,
+            mesh=mesh,
+            global_keys=finetune.GATHERED,
+            local_keys=("logits",),
+        )
 
     return _Trainer(
         built=built,
@@ -377,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     end_to_end = bool(config.dvme.get("finetune_encoders", False))
     trainer = (_end_to_end if end_to_end else _cached)(config, ctx, encoders, tx, lr)
     graded = bool(config.get("graded", False))
-    best = finetune._BestKeeper(workdir, val_split, selection) if val_split else None
+    best = finetune.BestKeeper(workdir, val_split, selection) if val_split else None
     eval_writer = metric_writers.create_default_writer(
         workdir, just_logging=pidx > 0, collection="eval"
     )
@@ -416,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         split_results[split] = finetune.split_metrics(pred, eval_stores[split].spec, graded=graded)
         attention[split] = [float(v) for v in pred["encoder_weights"].mean(0)]
         name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
-        finetune._write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
+        finetune.write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
         if pcount == 1:
             preds[split] = name
         logging.info(

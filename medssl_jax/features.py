@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from medssl_jax import augment_device, input_pipeline, paths, sharding
+from medssl_jax import augment_device, eval_loop, input_pipeline, paths, sharding
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax.case_store import CaseStore
 from medssl_jax.config_lib import ConfigError
@@ -140,36 +140,16 @@ def extract(
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     variables = jax.device_put(variables, repl)
 
-    def forward(variables, image):  # image: uint8 [B, S, S, 3] -> [B, D]
-        return model.apply(variables, augment_device.as_float(image), train=False)["features"]
+    def forward(variables, batch):  # image: uint8 [B, S, S, 3] -> features [B, D]
+        x = augment_device.as_float(batch["image"])
+        feats = model.apply(variables, x, train=False)["features"]
+        return {"features": feats, "valid": batch["valid"], "index": batch["index"]}
 
     forward = jax.jit(forward, in_shardings=(repl, data_sh), out_shardings=repl)
-
     n = store.num_images
-    n_batches = -(-n // local_batch)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        n_batches = int(np.max(multihost_utils.process_allgather(np.asarray(n_batches))))
-    it = input_pipeline.eval_batches(store, batch_size=local_batch, image_size=image_size)
-    out: np.ndarray | None = None
-    padding = None
-    pid = jax.process_index()
     t0 = time.time()
-    for b in range(n_batches):
-        batch = next(it, None)
-        if batch is None:
-            batch = padding
-        elif padding is None:
-            padding = {k: np.zeros_like(v) for k, v in batch.items()}
-        glob = sharding.to_global({"image": batch["image"]}, mesh)
-        feats = forward(variables, glob["image"])
-        rows = slice(pid * local_batch, (pid + 1) * local_batch)
-        mine = np.asarray(jax.device_get(feats))[rows]
-        valid = batch["valid"] > 0
-        if out is None:
-            out = np.zeros((n, mine.shape[1]), np.float32)
-        out[batch["index"][valid]] = mine[valid]
+
+    def progress(b: int, n_batches: int) -> None:
         if b % 20 == 0 or b == n_batches - 1:
             done = min((b + 1) * local_batch, n)
             rate = done / max(time.time() - t0, 1e-9)
@@ -182,7 +162,19 @@ def extract(
                 rate,
                 (n - done) / max(rate, 1e-9),
             )
-    assert out is not None
+
+    images = input_pipeline.eval_batches(store, batch_size=local_batch, image_size=image_size)
+    res = eval_loop.run(
+        lambda batch: forward(variables, batch),
+        ({k: b[k] for k in ("image", "valid", "index")} for b in images),
+        n,
+        local_batch=local_batch,
+        mesh=mesh,
+        local_keys=("features",),
+        on_batch=progress,
+    )
+    out = np.zeros((n, res["local_features"].shape[1]), np.float32)
+    out[res["local_index"]] = res["local_features"]
     buf = io.BytesIO()
     np.save(buf, out)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from medssl_jax import (
     config_lib,
     cross_eval,
     datasets,
+    eval_loop,
     input_pipeline,
     losses,
     metrics,
@@ -134,6 +135,10 @@ def build(
     return built, eval_jit
 
 
+# What an eval step's outputs are gathered for over the whole split.
+GATHERED = ("logits", "label", "label_mask", "encoder_weights")
+
+
 def predict(
     eval_step: Callable,
     params: Any,
@@ -150,36 +155,15 @@ def predict(
     collectives require. Returns global 'logits', 'label', ('label_mask') of valid rows, and
     'local_logits' + 'local_index' (rows of the store's per-image arrays) for this process's CSV.
     """
-    n_local = store.num_images
-    n_batches = -(-n_local // local_batch)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        n_batches = int(np.max(multihost_utils.process_allgather(np.asarray(n_batches))))
-    it = input_pipeline.eval_batches(store, batch_size=local_batch, image_size=image_size)
-    padding = None  # all-invalid batch for a process whose shard ran out
-    out: dict[str, list] = {}
-    local_logits, local_index = [], []
-    pid = jax.process_index()
-    for _ in range(n_batches):
-        batch = next(it, None)
-        if batch is None:
-            batch = padding
-        elif padding is None:
-            padding = {k: np.zeros_like(v) for k, v in batch.items()}
-        res = jax.device_get(eval_step(params, batch_stats, sharding.to_global(batch, mesh)))
-        valid = res["valid"] > 0
-        for k in ("logits", "label", "label_mask", "encoder_weights"):
-            if k in res:
-                out.setdefault(k, []).append(res[k][valid])
-        rows = slice(pid * local_batch, (pid + 1) * local_batch)
-        mine = res["valid"][rows] > 0
-        local_logits.append(res["logits"][rows][mine])
-        local_index.append(res["index"][rows][mine])
-    result = {k: np.concatenate(v) for k, v in out.items()}
-    result["local_logits"] = np.concatenate(local_logits)
-    result["local_index"] = np.concatenate(local_index)
-    return result
+    return eval_loop.run(
+        lambda batch: eval_step(params, batch_stats, batch),
+        input_pipeline.eval_batches(store, batch_size=local_batch, image_size=image_size),
+        store.num_images,
+        local_batch=local_batch,
+        mesh=mesh,
+        global_keys=GATHERED,
+        local_keys=("logits",),
+    )
 
 
 def split_metrics(pred: dict[str, np.ndarray], spec, *, graded: bool) -> dict[str, float]:
@@ -214,7 +198,7 @@ def selection_metric(config: ml_collections.ConfigDict, label_kind: str) -> str:
     return name
 
 
-def _write_predictions(
+def write_predictions(
     path: paths.PathLike,
     pred: dict,
     store: CaseStore,
@@ -318,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     size = int(config.data.image_size)
     graded = bool(config.get("graded", False))
-    best = _BestKeeper(workdir, val_split, selection) if val_split else None
+    best = BestKeeper(workdir, val_split, selection) if val_split else None
     eval_writer = metric_writers.create_default_writer(
         workdir, just_logging=pidx > 0, collection="eval"
     )
@@ -379,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         m, pred = evaluate(split, params, batch_stats)
         split_results[split] = m
         name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
-        _write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
+        write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
         if pcount == 1:
             predictions[split] = name
         logging.info("%s: %s", split, {k: round(v, 4) for k, v in m.items() if "/" not in k})
@@ -399,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         split_results[t.result_split] = m
         name = f"predictions_{t.result_split}.csv"
         name = name if pcount == 1 else name.replace(".csv", f".p{pidx}.csv")
-        _write_predictions(paths.path(workdir) / name, pred, t.store, t, spec)
+        write_predictions(paths.path(workdir) / name, pred, t.store, t, spec)
         if pcount == 1:
             predictions[t.result_split] = name
         logging.info(
@@ -434,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
 
-class _BestKeeper:
+class BestKeeper:
     """Keeps the parameters of the best validation step in `workdir/best` (survives resumes)."""
 
     def __init__(self, workdir: str, split: str, metric: str):

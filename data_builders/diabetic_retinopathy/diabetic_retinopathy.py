@@ -152,20 +152,7 @@ class DiabeticRetinopathy(case_builder.CaseBuilder):
         )
 
     def _generate_examples(self, cases: Sequence[common.Case]) -> Iterator[tuple[str, dict]]:
-        for case, images in catalog.stream_cases(
-            self.name, self._source, cases, self._origin, "name"
-        ):
-            yield (
-                case.case_id,
-                {
-                    "case_id": case.case_id,
-                    "patient_id": case.patient_id,
-                    "images": images,
-                    "image_ids": [r.image_id for r in case.images],
-                    "label": [r.fields["label"] for r in case.images],
-                    "eye": [r.fields["eye"] for r in case.images],
-                },
-            )
+        return catalog.case_examples(self, cases, "name", ("label", "eye"))
 
 
 def parse_name(name: str) -> tuple[str, str]:

@@ -120,16 +120,4 @@ class PatchCamelyon(case_builder.CaseBuilder, skip_registration=True):
         return self.finish(log, splits, source=catalog.source_metadata(self._source))
 
     def _generate_examples(self, cases: Sequence[common.Case]) -> Iterator[tuple[str, dict]]:
-        for case, images in catalog.stream_cases(
-            self.name, self._source, cases, self._origin, "id"
-        ):
-            yield (
-                case.case_id,
-                {
-                    "case_id": case.case_id,
-                    "patient_id": case.patient_id,
-                    "images": images,
-                    "image_ids": [r.image_id for r in case.images],
-                    "label": [r.fields["label"] for r in case.images],
-                },
-            )
+        return catalog.case_examples(self, cases, "id", ("label",))
