@@ -21,7 +21,6 @@ import importlib.util
 import itertools
 import os
 import platform
-import resource
 import sys
 import time
 from typing import Any
@@ -33,8 +32,12 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_memory  # noqa: E402
+
 from medssl_jax import config_lib, pretrain, sharding  # noqa: E402
-from medssl_jax.models import count_params, get_variant  # noqa: E402
+from medssl_jax.models import count_params, get_variant, resnet  # noqa: E402
+from medssl_jax.peak import step_peak  # noqa: E402
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -109,6 +112,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config override, e.g. --set loss.temperature=0.5 (repeatable)",
     )
+    p.add_argument(
+        "--suite",
+        default="",
+        choices=["", "paper"],
+        help="paper: SimCLR and MICLe steps of R50-1x, R50-4x and R152-2x at 224 px in bfloat16 "
+        "(--variant/--image_size/--dtype/--batch_size still override; with --fit)",
+    )
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="halve the batch until the step fits the device memory (compile-time buffer "
+        "assignment against the device's bytes_limit, or out of memory at run time)",
+    )
     p.add_argument("--variant", default="", help="model variant(s); default: the config's")
     p.add_argument("--image_size", type=_int_list, default=None, help="default: the config's")
     p.add_argument("--batch_size", type=_int_list, default=None, help="global; default: config")
@@ -127,13 +143,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the input pipeline (augmented images/s) on the config's data",
     )
     p.add_argument("--pipeline_batches", type=int, default=10, help="timed pipeline batches")
+    p.add_argument(
+        "--conv1x1",
+        default="auto",
+        help="1x1 convolutions as a dot or as XLA convs: auto|dot|conv (list ok: dot,conv "
+        "benchmarks both; sets MEDSSL_CONV1X1, see models/resnet.py)",
+    )
     p.add_argument("--out", default="", help="write the results here as JSON")
     args = p.parse_args(argv)
+    args.conv1x1_modes = [m.strip() for m in args.conv1x1.split(",") if m.strip()]
+    if not args.conv1x1_modes or set(args.conv1x1_modes) - {"auto", "dot", "conv"}:
+        p.error(f"--conv1x1: {args.conv1x1!r}: expected auto, dot, conv or a list of them")
     if args.steps < 1 or args.warmup < 0 or args.pipeline_batches < 1 or args.num_classes < 0:
         p.error("--steps and --pipeline_batches must be >= 1, --warmup/--num_classes >= 0")
-    config = load_config(args.config)
-    for text in args.set:
-        apply_override(config, text)
+    specs = [args.config]
+    if args.suite == "paper":
+        specs = [os.path.join(ROOT, "configs", f) for f in ("simclr.py", "micle.py")]
+        args.variant = args.variant or "r50_1x,r50_4x,r152_2x"
+        args.image_size = args.image_size or [224]
+        args.dtype = args.dtype or "bfloat16"
+        args.batch_size = args.batch_size or [256]  # global; --fit halves it where needed
+    args.config_dicts = []
+    for spec in specs:
+        c = load_config(spec)
+        for text in args.set:
+            apply_override(c, text)
+        args.config_dicts.append(c)
+    config = args.config_dicts[0]
     try:
         variants = [_architecture(v) for v in args.variant.split(",") if v.strip()]
     except ValueError as e:
@@ -154,10 +190,10 @@ def sweep_configs(args: argparse.Namespace) -> list[ml_collections.ConfigDict]:
     """One config per (variant, image size, batch size, dtype), validated before any compile."""
     mesh_size = jax.device_count()
     out = []
-    for variant, size, batch, dtype in itertools.product(
-        args.variants, args.image_sizes, args.batch_sizes, args.dtypes
+    for base, variant, size, batch, dtype in itertools.product(
+        args.config_dicts, args.variants, args.image_sizes, args.batch_sizes, args.dtypes
     ):
-        c = ml_collections.ConfigDict(args.config_dict.to_dict())
+        c = ml_collections.ConfigDict(base.to_dict())
         c.model.variant, c.data.image_size, c.batch_size, c.model.dtype = (
             variant,
             size,
@@ -203,49 +239,6 @@ def synthetic_batch(
     return batch
 
 
-def _host_rss_bytes(field: str) -> int | None:
-    """VmRSS / VmHWM of this process from /proc (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_host_peak() -> bool:
-    """Resets this process's RSS high-water mark (Linux >= 4.0) so each sweep entry gets its own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _host_rss_now() -> int:
-    rss = _host_rss_bytes("VmRSS")
-    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _host_peak_bytes() -> int:
-    hwm = _host_rss_bytes("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _device_peak_bytes(devices: list[jax.Device]) -> list[int] | None:
-    """peak_bytes_in_use per device where the backend reports it (GPU/TPU), else None (CPU)."""
-    peaks = []
-    for d in devices:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "peak_bytes_in_use" not in stats:
-            return None
-        peaks.append(int(stats["peak_bytes_in_use"]))
-    return peaks
-
-
 def _flops(compiled: Any) -> float:
     try:
         cost = compiled.cost_analysis()
@@ -263,8 +256,8 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
     label_kind = "multiclass" if args.num_classes > 0 else "none"
     total = int(config.num_steps) if int(config.num_steps) > 0 else 100_000
     warmup_steps = min(max(int(config.optim.warmup_steps), 0), total)
-    rss0 = _host_rss_now()
-    _reset_host_peak()
+    rss0 = bench_memory.host_rss_now()
+    bench_memory.reset_host_peak()
 
     built = pretrain.build(
         config,
@@ -280,10 +273,13 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    compile_host_peak = max(_host_peak_bytes() - rss0, 0)
+    compile_host_peak = max(bench_memory.host_peak_bytes() - rss0, 0)
+    compiled_bytes = bench_memory.check_fits(
+        compiled, local
+    )  # DoesNotFit before any device allocation
     # Execution memory apart from the compiler's: restart the high-water mark from here.
-    rss0 = _host_rss_now()
-    can_reset = _reset_host_peak()
+    rss0 = bench_memory.host_rss_now()
+    can_reset = bench_memory.reset_host_peak()
 
     # RBG keys: threefry initialisers compile slowly on XLA:CPU; the values do not matter here.
     t0 = time.perf_counter()
@@ -305,14 +301,14 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
     if not np.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss} for {config.model.variant}")
 
-    dev_peaks = _device_peak_bytes(local)
+    dev_peaks = bench_memory.device_peak_bytes(local)
     if dev_peaks is not None:
         peak, source = (
             max(dev_peaks),
             "device peak_bytes_in_use since process start (max over local devices)",
         )
     else:
-        peak = max(_host_peak_bytes() - rss0, 0)
+        peak = max(bench_memory.host_peak_bytes() - rss0, 0)
         source = "host RSS high-water mark increase over init+steps" + (
             "" if can_reset else " (peak not resettable: includes earlier work)"
         )
@@ -324,8 +320,11 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
     images_per_s = global_batch * views.images_per_example / median  # all crops, any size
     flops = _flops(compiled)
     del state, batch, compiled, lowered
+    peak_flops, peak_source = step_peak(devices[0], len(devices), str(config.model.dtype))
+    achieved = flops * len(devices) / median
     return dict(
         method=config.method,
+        label=pretrain.method_label(config),  # 'micle' for SimCLR with multi-instance pairs
         variant=config.model.variant,
         image_size=int(config.data.image_size),
         batch_size=global_batch,
@@ -352,12 +351,39 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
         images_per_s_per_device=images_per_s / len(devices),
         # XLA cost analysis of the SPMD program counts one device's share: scale to the step.
         step_gflop=flops * len(devices) / 1e9,
-        achieved_gflop_s=flops * len(devices) / 1e9 / median,
+        achieved_gflop_s=achieved / 1e9,
+        # Model FLOPs utilisation: the compiled step's FLOPs per second against the peak of
+        # the devices that ran it (peak_source says which figure).
+        peak_gflop_s=peak_flops / 1e9,
+        peak_source=peak_source,
+        mfu=achieved / peak_flops,
         peak_memory_bytes=int(peak),
         peak_memory_source=source,
         compile_host_memory_bytes=int(compile_host_peak),
+        compiled_bytes_per_device=compiled_bytes,
         final_loss=loss,
     )
+
+
+def bench_fitting(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+    """`bench_step` at the config's batch, halved while the step does not fit the devices."""
+    n = jax.device_count()
+    tried = []
+    while True:
+        try:
+            res = bench_step(config, args)
+            res["batch_tried_and_too_big"] = tried
+            return res
+        except Exception as e:  # noqa: BLE001
+            if not bench_memory.out_of_memory(e):
+                raise
+            tried.append(int(config.batch_size))
+            half = int(config.batch_size) // 2 // n * n
+            print(f"batch {config.batch_size} does not fit ({str(e)[:120]}); trying {half}")
+            if half < n:
+                raise SystemExit(f"{config.model.variant}: not even batch {n} fits") from None
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.batch_size = half
 
 
 def bench_pipeline(config: ml_collections.ConfigDict, store: Any, batches: int) -> dict[str, float]:
@@ -400,8 +426,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             process_count=jax.process_count(),
         )
     results = []
-    for c in configs:
-        res = bench_step(c, args)
+    for mode, c in itertools.product(args.conv1x1_modes, configs):
+        os.environ["MEDSSL_CONV1X1"] = mode  # read when the step is traced
+        res = bench_fitting(c, args) if args.fit else bench_step(c, args)
+        res["conv1x1"] = mode
+        res["conv1x1_as_dot"] = resnet.conv1x1_as_dot()
         if store is not None:
             res.update(bench_pipeline(c, store, args.pipeline_batches))
             res["pipeline_dataset"] = f"{store.spec.name}/{store.spec.split}"
@@ -429,12 +458,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
         ("px", lambda r: str(r["image_size"])),
         ("batch", lambda r: str(r["batch_size"])),
         ("dtype", lambda r: r["dtype"]),
+        ("1x1", lambda r: "dot" if r.get("conv1x1_as_dot") else "conv"),
         ("dev", lambda r: str(r["num_devices"])),
         ("params", lambda r: f"{r['params'] / 1e6:.2f}M"),
         ("compile s", lambda r: f"{r['compile_total_s']:.1f}"),
         ("step s", lambda r: f"{r['step_s_median']:.3f}"),
         ("img/s", lambda r: f"{r['images_per_s']:.1f}"),
         ("img/s/dev", lambda r: f"{r['images_per_s_per_device']:.1f}"),
+        ("MFU", lambda r: f"{100 * r['mfu']:.1f}%"),
         ("peak MiB", lambda r: f"{r['peak_memory_bytes'] / 2**20:.0f}"),
         (
             "pipe img/s",

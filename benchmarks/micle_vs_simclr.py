@@ -51,15 +51,17 @@ def _run(config, workdir: str) -> dict:
     """One stage (reused when its results exist), with a progress line: these scripts log at
     WARNING, so this is what shows they are alive."""
     from medssl_jax import train
+    from medssl_jax.results import check_finished, finished
 
     path = os.path.join(workdir, "results.json")
-    if os.path.exists(path):
+    if finished(workdir):  # an interrupted stage is rerun (it resumes from its checkpoint)
         with open(path) as f:
             return json.load(f)
     steps = config.get("num_steps", -1)
     print(f"[{time.time() - _T0:7.0f} s] {config.method} ({steps} steps) -> {workdir}", flush=True)
     t = time.time()
     res = train.train_and_evaluate(config, workdir)
+    check_finished(res, workdir)  # preempted: stop the benchmark, rerun to resume
     print(f"[{time.time() - _T0:7.0f} s]   done in {time.time() - t:.0f} s", flush=True)
     return res
 

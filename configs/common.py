@@ -83,6 +83,14 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     # 'mask': allow them but drop same-patient pairs from NT-Xent's negatives (for datasets whose
     # cases are much smaller than patients); 'allow': plain batches. Multi-instance only.
     c.sampler.same_patient = "exclude"
+    # Multi-instance options (measured on real X-rays: benchmarks/nih_pipeline.py, README).
+    # distinct_prob: the fraction of multi-image cases whose pair is two distinct images; the
+    # rest give one image twice (a SimCLR pair), so 0.5 mixes MICLe and SimCLR pairs per batch.
+    # epoch_over: epochs over 'cases' (MICLe as published: every case once per epoch, whatever its
+    # number of images) or over 'images' (each image once per epoch, as SimCLR sees the data,
+    # paired with another image of its case).
+    c.sampler.distinct_prob = 1.0
+    c.sampler.epoch_over = "cases"
 
     # Crops per example: 2 global crops at data.image_size, plus num_local local crops
     # (multi-crop: SwAV, DINO, hybrid). Areas are fractions of the image (SimCLR: 0.08-1).

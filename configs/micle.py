@@ -4,7 +4,11 @@ MICLe is SimCLR with multi-instance pairing (`sampler.multi_instance=True`): a b
 over cases (bags); a case with >= 2 images gives two DISTINCT images (re-drawn at every visit),
 each fully augmented; a single-image case gives two views of its one image. Loss: the global
 NT-Xent of SimCLR. Epochs and progress count cases. The same pairing works for every method
-(`configs/swav.py:demo,micle`, `configs/dino.py:demo,micle`).
+(`configs/swav.py:demo,micle`, `configs/dino.py:demo,micle`). Options (configs/common.py):
+`--config.sampler.distinct_prob=0.5` pairs half the multi-image cases across two images and
+gives the rest two views of one image (SimCLR and MICLe pairs mixed per batch);
+`--config.sampler.epoch_over=images` makes epochs over images (each paired with another image
+of its case) instead of over cases.
 
 Launch:
   python main.py --config=configs/micle.py:demo --workdir=/tmp/micle_demo

@@ -16,6 +16,7 @@ from medssl_jax import optim, paths
 SUPERVISED = ("finetune", "linear_eval")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAME_PATIENT = ("exclude", "mask", "allow")
+SAMPLER_EPOCH_OVER = ("cases", "images")
 NAN_POLICIES = ("stop", "skip")
 AUGMENT_KEYS = (
     "color_strength",
@@ -131,6 +132,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require("sampler" in config, "sampler", "missing (multi_instance, same_patient)")
         sp = config.sampler.same_patient
         _require(sp in SAME_PATIENT, "sampler.same_patient", f"{sp!r} not in {SAME_PATIENT}")
+        _validate_sampler(config.sampler, _require)
         method = methods.get(config.method)
         if method.defaults() is not None:
             _require(method.name in config, method.name, "missing: the method's config section")
@@ -143,6 +145,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if path:
         _require(paths.path(path).exists(), "init_checkpoint", f"{path!r} does not exist")
         _validate_converted(config, path)
+
+
+def _validate_sampler(sampler: ml_collections.ConfigDict, require) -> None:
+    """Multi-instance options need multi-instance pairing (they would silently do nothing)."""
+    p = sampler.get("distinct_prob", 1.0)
+    require(
+        isinstance(p, (int, float)) and 0.0 <= float(p) <= 1.0,
+        "sampler.distinct_prob",
+        f"must be a number in [0, 1], got {p!r}",
+    )
+    over = sampler.get("epoch_over", "cases")
+    require(
+        over in SAMPLER_EPOCH_OVER, "sampler.epoch_over", f"{over!r} not in {SAMPLER_EPOCH_OVER}"
+    )
+    if not sampler.multi_instance:
+        for key, default in (("distinct_prob", 1.0), ("epoch_over", "cases")):
+            value = sampler.get(key, default)
+            require(
+                value == default,
+                f"sampler.{key}",
+                f"{value!r} needs sampler.multi_instance=True (MICLe pairing)",
+            )
 
 
 def _validate_converted(config: ml_collections.ConfigDict, path: str) -> None:

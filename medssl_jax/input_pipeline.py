@@ -91,12 +91,16 @@ def pretrain_elements(
     start_step: int,
     multi_instance: bool,
     process_index: int = 0,
+    distinct_prob: float = 1.0,
+    image_items: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Un-augmented pretraining elements, batch after batch from `start_step`.
 
-    The schedule's items are cases (multi-instance) or rows of the store's per-image arrays.
-    Multi-instance (MICLe) pairing: a case with M >= 2 images gives two distinct images drawn
-    afresh at every visit; M == 1 gives its one image twice ('b' empty, 'distinct' 0).
+    The schedule's items are cases (multi-instance) or rows of the store's per-image arrays
+    (also multi-instance with `image_items`). Multi-instance (MICLe) pairing: a case with
+    M >= 2 images gives two distinct images drawn afresh at every visit (with probability
+    `distinct_prob`; else one image twice, a SimCLR pair), with `image_items` the item's image
+    and another of its case; M == 1 gives its one image twice ('b' empty, 'distinct' 0).
     Otherwise: the item's image twice. 'seed' is the stateless augmentation seed of the element.
     """
     step = start_step
@@ -104,12 +108,24 @@ def pretrain_elements(
         rng = _rng(seed, process_index, step, 3)
         rows = []
         if multi_instance:
-            for c in sched.batch(step).tolist():
+            items = sched.batch(step)
+            if image_items:
+                cases, firsts = (x.tolist() for x in store.locate(items))
+            else:
+                cases, firsts = items.tolist(), [None] * len(items)
+            for c, first in zip(cases, firsts, strict=True):
                 m = store.count(c)
-                if m >= 2:
-                    i, j = (int(x) for x in rng.choice(m, size=2, replace=False))
+                # No draw at distinct_prob 1: plain MICLe batches stay bit-identical.
+                pair = m >= 2 and (distinct_prob >= 1.0 or rng.random() < distinct_prob)
+                if first is None:
+                    if pair:
+                        i, j = (int(x) for x in rng.choice(m, size=2, replace=False))
+                    else:
+                        i = j = int(rng.integers(m))
                 else:
-                    i = j = int(rng.integers(m))
+                    i = j = int(first)
+                    if pair:  # another image of the case, uniformly
+                        j = (i + 1 + int(rng.integers(m - 1))) % m
                 rows.append((c, i, j))
         else:
             cases, images = store.locate(sched.batch(step))
@@ -142,13 +158,24 @@ def pretrain_dataset(
     patient_unique: bool = False,
     process_index: int = 0,
     color_on_device: bool = False,
+    distinct_prob: float = 1.0,
+    image_items: bool = False,
 ) -> tuple[tf.data.Dataset, Schedule]:
     """Infinite pretraining batches from `start_step` on: the crops `views` declares, of one
     image per example or (multi_instance) of two distinct images of one case; with
-    `color_on_device`, without their colour/blur stage (see the module docstring)."""
+    `color_on_device`, without their colour/blur stage (see the module docstring).
+    `distinct_prob` and `image_items`: see `pretrain_elements` (config.sampler)."""
     # Epochs over cases (multi-instance) or over images (rows of the store's per-image arrays).
-    num_items = store.num_cases if multi_instance else store.num_images
-    keys = store.patient_keys if multi_instance and patient_unique else None
+    by_case = multi_instance and not image_items
+    num_items = store.num_cases if by_case else store.num_images
+    keys = None
+    if multi_instance and patient_unique:
+        # Per item: the case's patient, or (image items) the patient of each image row.
+        keys = (
+            store.patient_keys
+            if by_case
+            else store.patient_keys[store.locate(np.arange(store.num_images))[0]]
+        )
     sched = Schedule(num_items, batch_size, seed, salt=process_index, patient_keys=keys)
 
     def generate():
@@ -160,6 +187,8 @@ def pretrain_dataset(
             start_step=start_step,
             multi_instance=multi_instance,
             process_index=process_index,
+            distinct_prob=distinct_prob,
+            image_items=image_items,
         )
 
     signature = {

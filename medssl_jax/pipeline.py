@@ -1,5 +1,6 @@
-r"""The paper's pipeline in one command: SimCLR, then MICLe from it, then the fine-tuning sweep
-(scratch, SimCLR, MICLe x label fractions x seeds), then the report (configs/pipeline.py).
+r"""The paper's pipeline in one command: SimCLR (or another method), then MICLe from it (and
+any other arms), then the fine-tuning sweep (scratch, SimCLR, MICLe x label fractions x seeds),
+optionally a linear-eval sweep, then the report (configs/pipeline.py).
 
   python -m medssl_jax.pipeline --config=configs/pipeline.py:demo --workdir=runs/paper_demo
 
@@ -19,62 +20,132 @@ from ml_collections import config_flags
 
 from medssl_jax import paths
 
-STAGES = ("simclr", "micle", "finetune", "report")
+STAGES = ("pretrain", "arms", "finetune", "report")
+EXIT_STOPPED = 75  # EX_TEMPFAIL: a stage was preempted; rerun the same command to resume
+
+
+def parse_overrides(spec: str, field: str) -> list[tuple[str, str]]:
+    """'sampler.distinct_prob=0.5;sampler.epoch_over=images' -> [(key, value), ...] ('' -> [])."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"config.{field}: {part!r} is not KEY=VALUE (separate them by ';')")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _apply(c: ml_collections.ConfigDict, overrides: list[tuple[str, str]], field: str) -> None:
+    from medssl_jax import config_lib
+
+    for key, value in overrides:
+        node, *path = c, *key.split(".")
+        for p in path[:-1]:
+            if p not in node:
+                raise ValueError(f"config.{field}: {key!r}: no field {p!r}")
+            node = node[p]
+        if path[-1] not in node:
+            raise ValueError(f"config.{field}: {key!r}: no field {path[-1]!r}")
+        node[path[-1]] = config_lib.parse_value(node[path[-1]], value)
+
+
+def stage_dir(root, name: str, seed: int | str | None) -> str:
+    """WORKDIR/<stage>, or WORKDIR/<stage>/seed<s> with one pretraining run per seed."""
+    folder = paths.path(root) / name
+    return str(folder if seed is None else folder / f"seed{seed}")
+
+
+def first_stage(config: ml_collections.ConfigDict) -> str:
+    """The first stage's folder and init name: its method's label ('simclr', 'swav', ...)."""
+    from medssl_jax.pretrain import method_label
+
+    return method_label(config.pretrain)
 
 
 def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
-    """The pretraining stages' configs with the shared data fields and the MICLe warm start."""
+    """Every stage's config: the first (config.pretrain, named by its method), one per arm (the
+    micle config, its overrides applied, warm-started from the first stage), 'finetune' and,
+    with config.probe, 'linear'; the shared data fields applied to each. Raises naming a bad
+    field before any stage runs."""
     from medssl_jax import config_lib
 
+    first = first_stage(config)
+    bases = {first: config.pretrain, "finetune": config.finetune}
+    if config.get("probe"):
+        bases["linear"] = config.linear
+    for arm, spec in config.arms.items():
+        if arm in (first, "scratch", "finetune", "linear", "report"):
+            raise ValueError(f"config.arms: {arm!r} is a reserved stage name")
+        c = copy.deepcopy(config.micle)
+        _apply(c, parse_overrides(spec, f"arms.{arm}"), f"arms.{arm}")
+        bases[arm] = c
     out = {}
-    for name in ("simclr", "micle", "finetune"):
-        c = copy.deepcopy(config[name])
+    for name, base in bases.items():
+        c = copy.deepcopy(base)
         for key, value in config.data.items():
             if value not in ("", None):
                 c.data[key] = value
         config_lib.normalize_lists(c)
+        if name in config.arms and config.arms_from_pretrain:
+            c.init_checkpoint = stage_dir(root, first, None)  # per seed: see run_pipeline
         out[name] = c
-    if config.micle_from_simclr:
-        out["micle"].init_checkpoint = str(paths.path(root) / "simclr")
-    for name in ("simclr", "finetune"):  # micle's warm start exists only after the simclr stage
-        config_lib.validate(out[name])
+    for name, c in out.items():  # the arms' warm start exists only after the first stage
+        if name not in config.arms or not config.arms_from_pretrain:
+            config_lib.validate(c)
     return out
 
 
 def _done(folder) -> bool:
-    return (paths.path(folder) / "results.json").exists()
+    from medssl_jax.results import finished
+
+    return finished(folder)  # an interrupted stage's results.json does not count
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Runs the missing stages; returns the report's path."""
     from medssl_jax import report, sweep, train
+    from medssl_jax.results import check_finished
 
     root = paths.path(workdir)
     cfgs = stage_configs(config, str(root))
+    first = first_stage(config)
+    arms = list(config.arms)
+    per_seed = bool(config.get("pretrain_per_seed", False))
+    seeds = [int(s) for s in config.seeds]
     t0 = time.time()
 
-    def stage(i: int, name: str) -> None:
-        logging.info("pipeline [%d/%d] %s (%.0f s so far)", i, len(STAGES), name, time.time() - t0)
-
-    for i, name in enumerate(("simclr", "micle"), 1):
-        folder = root / name
+    def pretrain(i: int, name: str, seed: int | None) -> None:
+        folder = stage_dir(root, name, seed)
+        what = name if seed is None else f"{name} seed {seed}"
         if _done(folder):
-            logging.info("pipeline [%d/%d] %s: done already (%s)", i, len(STAGES), name, folder)
-            continue
-        stage(i, name)
-        train.train_and_evaluate(cfgs[name], str(folder))
-    stage(3, "finetune")
-    inits = {"scratch": "", "simclr": str(root / "simclr"), "micle": str(root / "micle")}
-    sweep.run_sweep(
-        cfgs["finetune"],
-        str(root / "finetune"),
-        [str(f) for f in config.fractions],
-        [str(s) for s in config.seeds],
-        inits,
-    )
-    stage(4, "report")
+            logging.info("pipeline [%d/%d] %s: done already (%s)", i, len(STAGES), what, folder)
+            return
+        logging.info("pipeline [%d/%d] %s (%.0f s so far)", i, len(STAGES), what, time.time() - t0)
+        c = copy.deepcopy(cfgs[name])
+        if seed is not None:
+            c.seed = seed
+            if name != first and config.arms_from_pretrain:
+                c.init_checkpoint = stage_dir(root, first, seed)
+        check_finished(train.train_and_evaluate(c, folder), folder)  # preempted: stop here
+
+    for seed in seeds if per_seed else [None]:
+        pretrain(1, first, seed)
+        for arm in arms:
+            pretrain(2, arm, seed)
+    tail = "{seed}" if per_seed else None
+    inits = {"scratch": ""}
+    inits.update({name: stage_dir(root, name, tail) for name in [first, *arms]})
+    sweeps = [("finetune", [str(f) for f in config.fractions])]
+    if config.get("probe"):
+        sweeps.append(("linear", ["1.0"]))  # frozen features, every label
+    for name, fractions in sweeps:
+        logging.info(
+            "pipeline [3/%d] %s sweep (%.0f s so far)", len(STAGES), name, time.time() - t0
+        )
+        sweep.run_sweep(cfgs[name], str(root / name), fractions, [str(s) for s in seeds], inits)
+    logging.info("pipeline [4/%d] report (%.0f s so far)", len(STAGES), time.time() - t0)
     written = report.build_report(
-        [root / "finetune"], root / "report", bootstrap=int(config.bootstrap)
+        [root / name for name, _ in sweeps], root / "report", bootstrap=int(config.bootstrap)
     )
     logging.info("pipeline done in %.0f s; report: %s", time.time() - t0, written[0])
     return str(written[0])
@@ -85,10 +156,15 @@ def main(argv):
     from medssl_jax import train
 
     train.quiet_libraries()
+    from medssl_jax.results import StageStopped
+
     try:
         path = run_pipeline(flags.FLAGS.config, flags.FLAGS.workdir)
     except train.USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
+    except StageStopped as e:
+        print(f"stopped: {e}")
+        raise SystemExit(EXIT_STOPPED) from None
     print(f"Report: {path}")
 
 

@@ -169,13 +169,16 @@ def color_on_device(config: ml_collections.ConfigDict) -> bool:
     return bool(config.augment.get("on_device", False))
 
 
-def sampler_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
-    """`pretrain_dataset` keywords from `config.sampler`: multi-instance pairs, and batches
+def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`pretrain_dataset` keywords from `config.sampler`: multi-instance pairs (a fraction
+    `distinct_prob` of them from two images; epochs over cases or images), and batches
     without two cases of one patient unless same_patient is 'mask' or 'allow'."""
     multi = bool(config.sampler.multi_instance)
     return {
         "multi_instance": multi,
         "patient_unique": multi and config.sampler.same_patient == "exclude",
+        "distinct_prob": float(config.sampler.get("distinct_prob", 1.0)),
+        "image_items": multi and config.sampler.get("epoch_over", "cases") == "images",
     }
 
 
@@ -192,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.make_mesh()
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
     multi_instance = bool(config.sampler.multi_instance)
+    by_case = multi_instance and config.sampler.get("epoch_over", "cases") == "cases"
     method = methods.get(config.method)
     views = method.views(config)
     try:
@@ -207,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except datasets.UnknownSplitError as e:
         raise config_lib.ConfigError(f"config.data.split: {e}") from None
     spec = store.spec
-    epoch_items = spec.num_cases if multi_instance else spec.num_images
+    epoch_items = spec.num_cases if by_case else spec.num_images
     total_steps, warmup_steps = config_lib.steps(config, epoch_items)
     label = method_label(config)
     logging.info(
@@ -285,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "split": spec.split,
         "num_cases": spec.num_cases,
         "num_images": spec.num_images,
-        "epoch_unit": "cases" if multi_instance else "images",
+        "epoch_unit": "cases" if by_case else "images",
         "total_steps": total_steps,
         "global_batch_size": int(config.batch_size),
         "num_devices": int(mesh.devices.size),

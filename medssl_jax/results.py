@@ -7,8 +7,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
-from typing import TypedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 from medssl_jax import paths
 from medssl_jax.paths import Path  # epath: local, gs://, ...
@@ -142,6 +142,45 @@ def write_results(folder: str | os.PathLike, results: ResultsJson) -> Path:
     return path
 
 
+def stop_reason(results: Mapping[str, Any]) -> str:
+    """Why a run's training stopped: 'completed', 'preempted' (SIGTERM) or 'stop_after_steps'
+    (pretraining keeps it at the top level, fine-tuning under 'train')."""
+    return (
+        results.get("stop_reason")
+        or (results.get("train") or {}).get("stop_reason")
+        or ("completed")
+    )
+
+
+def finished(folder: str | os.PathLike) -> bool:
+    """Whether the run in `folder` trained to its end: its results.json exists and says
+    'completed'. An interrupted run also writes results.json (launchers requeue on
+    'preempted'); orchestrators rerun it, which resumes from its checkpoint."""
+    path = paths.path(folder) / RESULTS_FILENAME
+    if not path.exists():
+        return False
+    try:
+        return stop_reason(json.loads(path.read_text(encoding="utf-8"))) == "completed"
+    except json.JSONDecodeError:
+        return False
+
+
+class StageStopped(RuntimeError):
+    """A stage of a sweep or pipeline stopped before its end (preempted): later stages must not
+    start from it; rerunning the same command resumes it."""
+
+
+def check_finished(results: Mapping[str, Any], workdir: str | os.PathLike) -> None:
+    """Raises StageStopped unless `results` (a stage's return value) ran to completion."""
+    reason = stop_reason(results)
+    if reason != "completed":
+        step = results.get("step", (results.get("train") or {}).get("step", "?"))
+        raise StageStopped(
+            f"{workdir}: stopped ({reason}) at step {step}; checkpoint saved, rerun the same "
+            "command to resume"
+        )
+
+
 def load_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     """Find and validate every results.json under dirs; returns (runs, notes for the report)."""
     files: list[Path] = []
@@ -167,6 +206,9 @@ def load_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[str]]:
         res = validate_results(obj, f)
         if res["kind"] == "pretrain":
             notes.append(f"skipped pretraining run `{f}`")
+            continue
+        if stop_reason(res) != "completed":
+            notes.append(f"skipped `{f}`: its training stopped early ({stop_reason(res)})")
             continue
         run = Run(f, res)
         key = (res["dataset"], res["kind"], res["init"], float(res["label_fraction"]), res["seed"])

@@ -101,15 +101,22 @@ def main(argv):
     inits.pop("scratch", None)
     if not inits:
         raise app.UsageError("give at least one --init=NAME:CHECKPOINT")
-    run_study(
-        FLAGS.task,
-        FLAGS.workdir,
-        protocols=FLAGS.protocols,
-        fractions=FLAGS.fractions,
-        seeds=FLAGS.seeds,
-        inits=inits,
-        overrides=FLAGS.override,
-    )
+    from medssl_jax.pipeline import EXIT_STOPPED
+    from medssl_jax.results import StageStopped
+
+    try:
+        run_study(
+            FLAGS.task,
+            FLAGS.workdir,
+            protocols=FLAGS.protocols,
+            fractions=FLAGS.fractions,
+            seeds=FLAGS.seeds,
+            inits=inits,
+            overrides=FLAGS.override,
+        )
+    except StageStopped as e:
+        print(f"stopped: {e}")
+        raise SystemExit(EXIT_STOPPED) from None
     for p in report.build_report([FLAGS.workdir], FLAGS.workdir, bootstrap=FLAGS.bootstrap):
         print(p)
 

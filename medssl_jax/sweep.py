@@ -90,6 +90,7 @@ def run_sweep(
 ) -> list[str]:
     """Runs every missing combination in-process; returns the run directories."""
     from medssl_jax import train
+    from medssl_jax.results import check_finished, finished
 
     fractions = [float(f) for f in fractions]
     bad = [f for f in fractions if not 0 < f <= 1]
@@ -101,7 +102,7 @@ def run_sweep(
     for n, ((init, fields), frac, seed) in enumerate(combos, 1):
         d = run_dir(root, init, frac, seed)
         dirs.append(d)
-        if (paths.path(d) / "results.json").exists():
+        if finished(d):  # an interrupted run's results.json does not count: rerun resumes
             logging.info("[%d/%d] %s done already", n, len(combos), d)
             continue
         c = copy.deepcopy(config)
@@ -117,7 +118,7 @@ def run_sweep(
         c.data.label_fraction, c.seed = frac, seed
         c.name = f"{init}_frac{frac:g}_seed{seed}"
         logging.info("[%d/%d] %s", n, len(combos), c.name)
-        train.train_and_evaluate(c, d)
+        check_finished(train.train_and_evaluate(c, d), d)  # preempted: no further runs
     return dirs
 
 
@@ -126,8 +127,17 @@ def main(argv):
     from medssl_jax.train import quiet_libraries
 
     quiet_libraries()
+    from medssl_jax.pipeline import EXIT_STOPPED
+    from medssl_jax.results import StageStopped
+
     inits = parse_inits(FLAGS.init, FLAGS.seeds)
-    run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.fractions, FLAGS.seeds, inits, FLAGS.dvme_probes)
+    try:
+        run_sweep(
+            FLAGS.config, FLAGS.workdir, FLAGS.fractions, FLAGS.seeds, inits, FLAGS.dvme_probes
+        )
+    except StageStopped as e:
+        print(f"stopped: {e}")
+        raise SystemExit(EXIT_STOPPED) from None
     if FLAGS.report:
         from medssl_jax import report
 

@@ -112,6 +112,80 @@ def test_bench_train_sweep_expands_and_resolves_aliases():
     assert all(c.method == "simclr" and c.sampler.multi_instance for c in configs)
 
 
+def test_bench_train_conv1x1_axis_runs_both_paths_to_the_same_loss(tmp_path, monkeypatch):
+    """--conv1x1 dot,conv: one entry per path; the step computes the same loss either way."""
+    monkeypatch.setenv("MEDSSL_CONV1X1", "auto")  # restored after the test
+    out = tmp_path / "conv.json"
+    argv = TINY_ARGS[:-4] + ["--steps", "1", "--warmup", "1", "--conv1x1", "dot,conv"]
+    assert bench_train.main(argv + ["--out", str(out)]) == 0
+    dot, conv = json.loads(out.read_text())["results"]
+    assert (dot["conv1x1"], dot["conv1x1_as_dot"]) == ("dot", True)
+    assert (conv["conv1x1"], conv["conv1x1_as_dot"]) == ("conv", False)
+    assert dot["final_loss"] == pytest.approx(conv["final_loss"], rel=1e-4)
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--conv1x1", "fast"])
+
+
+def test_fit_halves_the_batch_until_the_step_fits(monkeypatch, tmp_path):
+    """--fit: a step that does not fit (here: any batch above 16) is retried at half the
+    batch; the result says which batches were too big; MFU is achieved / peak."""
+    real = bench_train.bench_memory.check_fits
+
+    def fits_up_to_16(compiled, devices):
+        need = real(compiled, devices)
+        if compiled.args_info[0][1]["views"].shape[0] > 16:  # (state, batch)
+            raise bench_train.bench_memory.DoesNotFit("needs more than the test allows")
+        return need
+
+    monkeypatch.setattr(bench_train.bench_memory, "check_fits", fits_up_to_16)
+    out = tmp_path / "fit.json"
+    argv = TINY_ARGS[:-4] + ["--steps", "1", "--warmup", "0", "--fit", "--batch_size", "64"]
+    assert bench_train.main(argv + ["--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["batch_size"] == 16 and r["batch_tried_and_too_big"] == [64, 32]
+    assert r["mfu"] == pytest.approx(r["achieved_gflop_s"] / r["peak_gflop_s"])
+    assert 0 < r["mfu"] < 1.5 and "measured" in r["peak_source"]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_the_paper_suite_at_a_small_batch(tmp_path):
+    """benchmarks/gpu.sh in smoke mode (32 px, batch 8, one step, on CPU): SimCLR and MICLe
+    steps of R50-1x, R50-4x and R152-2x in bfloat16 (what an accelerator runs at 224 px), and
+    the input pipeline on the real X-rays when ../shared has them."""
+    env = dict(
+        os.environ,
+        GPU_SH_SMOKE="1",
+        NIH=str(ROOT.parent / "shared/data/nih_cxr_1000"),
+        # One CPU device: 8 fake devices would hold 8 replicas of R50-4x's state (> 24 GiB).
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (suite,) = tmp_path.glob("gpu_*_paper_suite_*.json")
+    rs = json.loads(suite.read_text())["results"]
+    got = [(r["label"], r["variant"], r["image_size"], r["dtype"]) for r in rs]
+    models = ("r50_1x_sk0", "r50_4x_sk0", "r152_2x_sk0")
+    assert got == [(m, v, 32, "bfloat16") for m in ("simclr", "micle") for v in models]
+    backbone = {r["variant"]: r["backbone_params"] / 1e6 for r in rs}
+    assert backbone == pytest.approx(  # REFERENCE.md's counts
+        {"r50_1x_sk0": 23.5, "r50_4x_sk0": 375.4, "r152_2x_sk0": 232.3}, abs=0.06
+    )
+    assert all(r["mfu"] > 0 and r["images_per_s"] > 0 for r in rs)
+    pipeline = list(tmp_path.glob("gpu_*_pipeline_*.json"))
+    if (ROOT.parent / "shared/data/nih_cxr_1000").is_dir():
+        (p,) = pipeline
+        r50 = max(r["images_per_s_per_device"] for r in rs if r["variant"] == "r50_1x_sk0")
+        assert json.loads(p.read_text())["demand_images_per_s"] == pytest.approx(r50)
+    else:
+        assert not pipeline and "not measured" in proc.stderr
+
+
 def test_bench_train_rejects_batch_not_divisible_by_devices(capsys):
     with pytest.raises(SystemExit, match=r"--batch_size 12 must be a multiple .*devices \(8"):
         bench_train.main(TINY_ARGS[:-6] + ["--batch_size", "12"])

@@ -166,3 +166,34 @@ def test_patient_id_column_round_trip_and_fallback(tmp_path):
     (tmp_path / "bad.csv").write_text("\n".join([*text[:3], ",".join(cells), *text[4:]]))
     with pytest.raises(ValueError, match="row 4, column 'patient_id': empty"):
         predictions.read_predictions_csv(tmp_path / "bad.csv")
+
+
+def test_paired_difference_shares_patient_draws_and_is_narrower_than_separate_cis():
+    """A model vs a slightly changed copy: the paired interval is the quantile of per-replicate
+    differences on the SAME patients (checked against a direct computation), lies inside the
+    gap of the separate CIs, and a model against itself has a zero-width interval at 0."""
+    rng = np.random.default_rng(5)
+    a = _random_pred(rng, n=60, n_patients=20)
+    scores = a.scores.copy()
+    flip = rng.random(len(a.labels)) < 0.15
+    scores[flip] = scores[flip][:, ::-1]  # b: some rows' scores permuted
+    b = _pred(a.labels, scores, a.patient_ids)
+    for name in ("top1", "auc_mean"):
+        point, lo, hi = confidence.paired_difference_ci([a], [b], name, num_replicates=400, seed=2)
+        patients = sorted(set(a.patient_ids))
+        counts = confidence.patient_counts(len(patients), 400, 2)
+        diff = confidence.replicate_values([a], name, counts, patients) - (
+            confidence.replicate_values([b], name, counts, patients)
+        )
+        assert (lo, hi) == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])))
+        assert point == pytest.approx(
+            confidence.metric_from_predictions(a, name)
+            - confidence.metric_from_predictions(b, name)
+        )
+        _, alo, ahi = confidence.bootstrap_ci([a], name, num_replicates=400, seed=2)
+        _, blo, bhi = confidence.bootstrap_ci([b], name, num_replicates=400, seed=2)
+        assert hi - lo < max(ahi - blo, bhi - alo)
+    assert confidence.paired_difference_ci([a], [a], "top1", num_replicates=50) == (0.0, 0.0, 0.0)
+    other = _pred(a.labels, a.scores, [p + "x" for p in a.patient_ids])
+    with pytest.raises(ValueError, match="different patients"):
+        confidence.paired_difference_ci([a], [other], "top1")

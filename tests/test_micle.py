@@ -150,3 +150,68 @@ def test_mask_option_only_removes_same_patient_negatives():
     assert len(set(batch["patient_key"].tolist())) < 16
     assert out["dup", "mask"] < out["dup", "exclude"] - 1e-4  # fewer negatives, lower loss
     np.testing.assert_allclose(out["unique", "mask"], out["unique", "exclude"], rtol=1e-6)
+
+
+def test_distinct_prob_mixes_micle_and_simclr_pairs(store):
+    """sampler.distinct_prob: that fraction of multi-image cases gives two images, the rest one
+    image twice; 1.0 is plain MICLe, bit for bit; the draws are a pure function of the step."""
+    config = tiny_pretrain_config("micle")
+    multi = store.counts >= 2
+    fractions = {}
+    for p in (0.0, 0.5, 1.0):
+        config.sampler.distinct_prob = p
+        config_lib.validate(config)
+        batches = _training_batches(store, config, steps=10)
+        on_multi = np.concatenate([b["distinct"][multi[b["case_index"]]] for b in batches])
+        fractions[p] = on_multi.mean()
+        for b in batches:
+            i, j = b["pair"].T
+            np.testing.assert_array_equal(b["distinct"], (i != j).astype(np.float32))
+            assert not b["distinct"][~multi[b["case_index"]]].any()
+    assert fractions[0.0] == 0.0 and fractions[1.0] == 1.0
+    assert 0.35 < fractions[0.5] < 0.65, fractions
+    config.sampler.distinct_prob = 0.5
+    again = _training_batches(store, config, steps=10)
+    b0 = _training_batches(store, config, steps=10)
+    for a, b in zip(again, b0, strict=True):
+        np.testing.assert_array_equal(a["pair"], b["pair"])
+        np.testing.assert_array_equal(a["views"], b["views"])
+
+
+def test_image_items_visit_every_image_once_per_epoch_paired_within_its_case(store):
+    """sampler.epoch_over='images': epochs over images (as SimCLR), each paired with ANOTHER
+    image of its case, batches still patient-unique."""
+    keys = store.patient_keys[store.locate(np.arange(store.num_images))[0]]
+    sched = Schedule(store.num_images, BATCH, 0, patient_keys=keys)
+    gen = input_pipeline.pretrain_elements(
+        store, sched, batch_size=BATCH, seed=0, start_step=0, multi_instance=True, image_items=True
+    )
+    steps = sched.epoch(0).shape[0]
+    firsts = collections.Counter()
+    for _ in range(steps):
+        batch = [next(gen) for _ in range(BATCH)]
+        assert len({int(e["patient_key"]) for e in batch}) == BATCH
+        for e in batch:
+            c = int(e["case_index"])
+            i, j = (int(x) for x in e["pair"])
+            firsts[(c, i)] += 1
+            assert (i != j) == (store.counts[c] >= 2) == bool(e["distinct"])
+    # One epoch: no image twice as the anchor, and nearly all of them (patient-unique packing
+    # may defer a few to the next epoch).
+    assert max(firsts.values()) == 1
+    assert len(firsts) >= 0.9 * store.num_images
+
+
+def test_sampler_options_need_multi_instance_and_valid_values():
+    config = tiny_pretrain_config("simclr")
+    config.sampler.distinct_prob = 0.5
+    with pytest.raises(config_lib.ConfigError, match="sampler.distinct_prob"):
+        config_lib.validate(config)
+    config = tiny_pretrain_config("micle")
+    config.sampler.epoch_over = "patients"
+    with pytest.raises(config_lib.ConfigError, match="sampler.epoch_over"):
+        config_lib.validate(config)
+    config.sampler.epoch_over = "images"
+    config.sampler.distinct_prob = 1.5
+    with pytest.raises(config_lib.ConfigError, match="sampler.distinct_prob"):
+        config_lib.validate(config)

@@ -30,10 +30,13 @@ IMG = 32
 class _Conv(nn.Module):
     strides: int
     features: int = 4
+    kernel: int = 3
 
     @nn.compact
     def __call__(self, x):
-        return conv_fixed_padding(x, self.features, 3, self.strides, dtype=jnp.float32, name="c")
+        return conv_fixed_padding(
+            x, self.features, self.kernel, self.strides, dtype=jnp.float32, name="c"
+        )
 
 
 # REFERENCE.md "Backbone parameter counts": (depth, width) -> (no SK, with SK) in millions.
@@ -320,6 +323,39 @@ def test_tiny_maps_use_im2col_with_same_results(size, stride):
         got = jax.vjp(mine, x, k)[1](g)[argnum]
         want = jax.vjp(ref, x, k)[1](g)[argnum]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dot", "conv"])
+@pytest.mark.parametrize("size,stride", [(8, 1), (7, 2), (8, 2)])
+def test_1x1_convs_as_dot_equal_the_lax_conv(monkeypatch, mode, size, stride):
+    """MEDSSL_CONV1X1=dot (the CPU default) runs 1x1 convs as a dot: same values and
+    gradients as lax's 1x1 conv (SAME == VALID; stride 2 keeps rows/cols 0, 2, ...); =conv
+    keeps XLA's convolution."""
+    monkeypatch.setenv("MEDSSL_CONV1X1", mode)
+    x = _images(14, n=2, size=size)
+    conv = _Conv(strides=stride, kernel=1, features=5)
+    variables = conv.init(_key(0), x)
+    k = variables["params"]["c"]["kernel"]
+    assert k.shape == (1, 1, 3, 5)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(x, k, (stride,) * 2, "VALID", dimension_numbers=dn)
+
+    def mine(x, k):
+        return conv.apply({"params": {"c": {"kernel": k}}}, x)
+
+    hlo = jax.jit(mine).lower(x, k).as_text()
+    assert ("convolution" in hlo) == (mode == "conv")
+    np.testing.assert_allclose(mine(x, k), ref(x, k), rtol=1e-5, atol=1e-6)
+    g = np.random.default_rng(2).random(ref(x, k).shape, dtype=np.float32)
+    for argnum in (0, 1):
+        got = jax.vjp(mine, x, k)[1](g)[argnum]
+        want = jax.vjp(ref, x, k)[1](g)[argnum]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MEDSSL_CONV1X1", "fast")
+    with pytest.raises(ValueError, match="MEDSSL_CONV1X1"):
+        conv.apply(variables, x)
 
 
 @pytest.mark.parametrize("block_cls", [BasicBlock, BottleneckBlock])

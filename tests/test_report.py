@@ -360,6 +360,19 @@ def test_duplicate_runs_keep_latest_step(tmp_path):
     assert any("duplicate" in n for n in notes)
 
 
+def test_runs_stopped_early_are_left_out_with_a_note(tmp_path):
+    """A preempted fine-tune writes results.json (launchers requeue on it) from a model that did
+    not finish: the report must not average it in."""
+    done, stopped = _valid_results(), _valid_results()
+    stopped["seed"] = 1
+    stopped["train"] = {"stop_reason": "preempted", "step": 3}
+    report.write_results(tmp_path / "a", done)
+    report.write_results(tmp_path / "b", stopped)
+    runs, notes = report.load_runs([tmp_path])
+    assert [r.results["seed"] for r in runs] == [done["seed"]]
+    assert any("stopped early (preempted)" in n and "/b/" in n for n in notes)
+
+
 def test_subset_table_is_the_main_table_pivoted(built):
     """The paper's layout: rows = init, columns = label fractions, same cells as the main table."""
     _, _, md = built

@@ -6,12 +6,17 @@ MICLe draws pairs of two distinct real follow-up images of one patient.
 """
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
 
 from medssl_jax import input_pipeline
 from medssl_jax.schedule import Schedule
+from tests.utils import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import nih_pipeline  # noqa: E402
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih_cxr_1000"
 pytestmark = pytest.mark.skipif(not NIH.is_dir(), reason=f"{NIH} not present")
@@ -19,12 +24,17 @@ pytestmark = pytest.mark.skipif(not NIH.is_dir(), reason=f"{NIH} not present")
 
 @pytest.fixture(scope="module")
 def nih_manual_dir(tmp_path_factory) -> str:
+    """labels.csv as benchmarks/nih_pipeline.py writes it (case = patient)."""
     d = tmp_path_factory.mktemp("nih_manual")
-    with open(d / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image_path", "case_id", "label"])
-        for png in sorted(NIH.glob("*/*/*.png")):
-            w.writerow([str(png), png.stem.split("_")[0], png.parent.name])
+    assert nih_pipeline.write_labels_csv(str(NIH), str(d)) == 1000
+    with open(d / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    png = Path(rows[0]["image_path"])
+    assert rows[0] == {
+        "image_path": str(png),
+        "case_id": png.stem.split("_")[0],
+        "label": png.parent.name,
+    }
     return str(d)
 
 

@@ -133,9 +133,12 @@ def test_seed_placeholder_pairs_pretraining_and_finetuning_runs(tmp_path, monkey
     with pytest.raises(FileNotFoundError, match="micle_s2' does not exist"):
         sweep.parse_inits([spec], ["0", "1", "2"])
     calls = []
-    monkeypatch.setattr(
-        train, "train_and_evaluate", lambda c, d: calls.append((c.seed, c.init_checkpoint))
-    )
+
+    def fake_train(c, d):
+        calls.append((c.seed, c.init_checkpoint))
+        return {"train": {"stop_reason": "completed"}}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     sweep.run_sweep(finetune.get_config("demo"), str(tmp_path / "sw"), ["1"], ["0", "1"], inits)
     assert sorted(calls) == [(0, f"{tmp_path}/micle_s0"), (1, f"{tmp_path}/micle_s1")]
 

@@ -12,6 +12,7 @@ that order for checkpoint restorers (variable dicts themselves come back key-sor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -105,6 +106,17 @@ def im2col_conv(
     return jnp.dot(patches, rhs.reshape(kh * kw * cin, cout), precision=precision)
 
 
+def conv1x1_as_dot() -> bool:
+    """Whether 1x1 convolutions run as a dot (`im2col_conv` with one slice): on XLA:CPU the
+    backward of a 1x1 conv runs as a transposed convolution behind a copy of its input
+    (benchmarks/README.md: about 1.5x faster steps at 64 px as a dot); GPU and TPU compilers
+    already lower 1x1 convs to matmuls. MEDSSL_CONV1X1=dot|conv overrides the backend rule."""
+    choice = os.environ.get("MEDSSL_CONV1X1", "auto")
+    if choice not in ("auto", "dot", "conv"):
+        raise ValueError(f"MEDSSL_CONV1X1={choice!r}: expected auto, dot or conv")
+    return choice == "dot" or (choice == "auto" and jax.default_backend() == "cpu")
+
+
 def conv_fixed_padding(
     x: jax.Array,
     features: int,
@@ -117,24 +129,25 @@ def conv_fixed_padding(
     """Bias-free conv: SAME when stride 1, else fixed padding + VALID (TF SimCLR semantics).
 
     Convs whose output map is smaller than the kernel run as `im2col_conv` (explicit padding,
-    which equals SAME at stride 1). Must be called inside a compact method: the conv becomes
-    a child of the calling module.
+    which equals SAME at stride 1), and so do 1x1 convs where `conv1x1_as_dot()`. Must be
+    called inside a compact method: the conv becomes a child of the calling module.
     """
     k = kernel_size
     out_hw = [-(-d // strides) for d in x.shape[1:3]]  # same for SAME and fixed padding
     small = k > 1 and min(out_hw) < k
-    if strides > 1 or small:
+    as_dot = small or (k == 1 and conv1x1_as_dot())
+    if (strides > 1 or small) and k > 1:
         x = fixed_padding(x, k)  # at stride 1 this is exactly SAME padding
     return nn.Conv(
         features,
         (k, k),
         strides=(strides, strides),
-        padding="SAME" if strides == 1 and not small else "VALID",
+        padding="VALID" if as_dot or strides > 1 else "SAME",  # 1x1: SAME == VALID
         use_bias=False,
         kernel_init=conv_kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=im2col_conv if small else None,
+        conv_general_dilated=im2col_conv if as_dot else None,
         name=name,
     )(x)
 
