@@ -194,6 +194,20 @@ def dataset_labels(config: Any) -> tuple[str, int]:
 
 def plan(config: Any, topology: str | Topology) -> dict[str, Any]:
     """Compiles the pretraining step of `config` for `topology`; the report as a dict."""
+    # The program a TPU runs: 1x1 convs as convolutions (on this CPU host the backend rule of
+    # models/resnet.conv1x1_as_dot would make them dots); restored afterwards.
+    before = os.environ.get("MEDSSL_CONV1X1")
+    os.environ["MEDSSL_CONV1X1"] = "conv"
+    try:
+        return _plan(config, topology)
+    finally:
+        if before is None:
+            os.environ.pop("MEDSSL_CONV1X1", None)
+        else:
+            os.environ["MEDSSL_CONV1X1"] = before
+
+
+def _plan(config: Any, topology: str | Topology) -> dict[str, Any]:
     import jax
 
     from medssl_jax import config_lib, methods, pretrain, sharding

@@ -109,7 +109,7 @@ def im2col_conv(
 def conv1x1_as_dot() -> bool:
     """Whether 1x1 convolutions run as a dot (`im2col_conv` with one slice): on XLA:CPU the
     backward of a 1x1 conv runs as a transposed convolution behind a copy of its input
-    (benchmarks/README.md: about 1.5x faster steps at 64 px as a dot); GPU and TPU compilers
+    (benchmarks/README.md: ResNet-50 steps 1.2-1.6x faster as a dot); GPU and TPU compilers
     already lower 1x1 convs to matmuls. MEDSSL_CONV1X1=dot|conv overrides the backend rule."""
     choice = os.environ.get("MEDSSL_CONV1X1", "auto")
     if choice not in ("auto", "dot", "conv"):
