@@ -7,6 +7,9 @@ Launch:
   python -m medssl_jax.pipeline --config=configs/pipeline.py:derm --workdir=DIR \
       --config.data.manual_dir=/data/HAM10000 \
       --config.pretrain.init_checkpoint=runs/imagenet_simclr_r50   # converted ImageNet weights
+  python -m medssl_jax.pipeline --config=configs/pipeline.py:derm --workdir=DIR \
+      --config.data.manual_dir=/data/HAM10000 --config.weights.format=simclr_v2_tf1 \
+      --config.weights.source=/ckpt/r50_1x_sk0/model.ckpt-250228   # converted as stage 0
   python -m medssl_jax.pipeline --config=configs/pipeline.py:demo,swav --workdir=runs/swav_demo
 Variants: RECIPE[,METHOD]. RECIPE: demo (built-in data, about 8 minutes on 2 CPU cores) | derm |
 chexpert (your copy through data.manual_dir; R50 1x recipes) | nih (below). METHOD: simclr
@@ -20,7 +23,9 @@ Fields: data (applied to every stage: name, data_dir, manual_dir, image_size); p
 first stage), micle (the base of every arm), finetune, linear (whole stage configs; any field
 overridable, e.g. --config.micle.num_steps=2000); pretrain.init_checkpoint (ImageNet/SimCLR
 weights to start from: a run or a converted release); arms_from_pretrain (the arms warm-start
-from the first stage); fractions, seeds, bootstrap.
+from the first stage); fractions, seeds, bootstrap; weights (stage 0: weights.source and
+weights.format of a released checkpoint, converted into WORKDIR/weights for
+pretrain.model.variant, where the first stage starts).
 arms: the stages that continue from the first, name -> overrides of the micle config separated
 by ';' (default {'micle': ''}; e.g. --config.arms.micle_mix='sampler.distinct_prob=0.5'), each
 one more init of the sweeps. pretrain_per_seed: one first stage and one of each arm per seed
@@ -72,6 +77,12 @@ def get_config(arg: str | None = None):
     c.arms = ml_collections.ConfigDict({"micle" if method == "simclr" else f"micle_{method}": ""})
     c.pretrain_per_seed = False
     c.probe = False
+    # Stage 0: a released checkpoint (SimCLRv1/v2 TF, torchvision-layout SwAV/DINO ResNet, DINO
+    # ViT) converted for pretrain.model.variant into WORKDIR/weights; the first stage starts
+    # from it (python -m medssl_jax.convert documents the formats and options).
+    c.weights = ml_collections.ConfigDict(
+        dict(source="", format="", ema=False, rescale_v1=False, checkpoint_key="", drop_heads=False)
+    )
     c.data = ml_collections.ConfigDict(
         dict(
             name=c.finetune.data.name,

@@ -1,5 +1,6 @@
-r"""The paper's pipeline in one command: SimCLR (or another method), then MICLe from it (and
-any other arms), then the fine-tuning sweep (scratch, SimCLR, MICLe x label fractions x seeds),
+r"""The paper's pipeline in one command: (optionally) released ImageNet weights converted, SimCLR
+(or another method) from them, then MICLe from it (and any other arms), then the fine-tuning
+sweep (scratch, SimCLR, MICLe x label fractions x seeds),
 optionally a linear-eval sweep, then the report (configs/pipeline.py).
 
   python -m medssl_jax.pipeline --config=configs/pipeline.py:demo --workdir=runs/paper_demo
@@ -62,6 +63,51 @@ def first_stage(config: ml_collections.ConfigDict) -> str:
     return method_label(config.pretrain)
 
 
+def convert_weights(config: ml_collections.ConfigDict, root) -> str | None:
+    """Stage 0 (config.weights.source set): a released checkpoint converted for the first
+    stage's variant into WORKDIR/weights (skipped when its converted.json exists); its path."""
+    w = config.get("weights")
+    if not w or not w.get("source"):
+        return None
+    from medssl_jax.convert import __main__ as convert
+    from medssl_jax.convert import common
+
+    out = paths.path(root) / "weights"
+    if (out / common.INFO_FILE).exists():
+        logging.info("pipeline [0/%d] weights: done already (%s)", len(STAGES), out)
+        return str(out)
+    if out.exists():  # an interrupted write: no converted.json, so nothing uses it yet
+        out.rmtree()
+    logging.info("pipeline [0/%d] weights: converting %s (%s)", len(STAGES), w.source, w.format)
+    converted = convert.convert(
+        w.source,
+        w.format,
+        config.pretrain.model.variant,
+        ema=bool(w.get("ema", False)),
+        rescale_v1=bool(w.get("rescale_v1", False)),
+        checkpoint_key=w.get("checkpoint_key") or None,
+        drop_heads=bool(w.get("drop_heads", False)),
+    )
+    return common.write(converted, str(out))
+
+
+def _check_weights(config: ml_collections.ConfigDict) -> None:
+    w = config.get("weights")
+    if not w or not w.get("source"):
+        return
+    from medssl_jax.convert.__main__ import FORMATS
+
+    if not paths.path(w.source).exists():
+        raise ValueError(f"config.weights.source: {w.source!r} does not exist")
+    if w.format not in FORMATS:
+        raise ValueError(f"config.weights.format: {w.format!r} not in {sorted(FORMATS)}")
+    if config.pretrain.get("init_checkpoint"):
+        raise ValueError(
+            "config.weights.source and config.pretrain.init_checkpoint: give one start for the "
+            "first stage, not both"
+        )
+
+
 def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
     """Every stage's config: the first (config.pretrain, named by its method), one per arm (the
     micle config, its overrides applied, warm-started from the first stage), 'finetune' and,
@@ -69,6 +115,7 @@ def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
     field before any stage runs."""
     from medssl_jax import config_lib
 
+    _check_weights(config)  # its conversion runs first; the first stage is checked then
     first = first_stage(config)
     bases = {first: config.pretrain, "finetune": config.finetune}
     if config.get("probe"):
@@ -128,6 +175,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> str:
                 c.init_checkpoint = stage_dir(root, first, seed)
         check_finished(train.train_and_evaluate(c, folder), folder)  # preempted: stop here
 
+    weights = convert_weights(config, root)
+    if weights:
+        cfgs[first].init_checkpoint = weights
     for seed in seeds if per_seed else [None]:
         pretrain(1, first, seed)
         for arm in arms:

@@ -197,3 +197,39 @@ def test_finished_reads_both_result_layouts(tmp_path):
         assert results.finished(tmp_path) == done, layout
     (tmp_path / "results.json").write_text("{half a fi")
     assert not results.finished(tmp_path)
+
+
+def test_weights_stage_converts_once_and_the_first_stage_starts_from_it(tmp_path, monkeypatch):
+    """config.weights: a released checkpoint (here the torchvision-layout ResNet fixture)
+    converted for the first stage's variant into WORKDIR/weights, then SimCLR starts from it;
+    a second invocation does not convert again; a missing source is named before any stage."""
+    from medssl_jax import report, sweep, train
+
+    trained = []
+
+    def fake_train(c, folder):
+        trained.append((folder, c.get("init_checkpoint", "")))
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "results.json").write_text('{"stop_reason": "completed"}')
+        return {"stop_reason": "completed"}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a: None)
+    monkeypatch.setattr(report, "build_report", lambda dirs, out, bootstrap: [str(out / "r.md")])
+    c = _config("demo")
+    c.pretrain.model.variant = "r50_0.0625x_sk0"  # the fixture's network
+    c.weights.source = str(ROOT / "tests/fixtures/torch/resnet_tv_legacy.pth")
+    c.weights.format = "torch_resnet"
+    root = tmp_path / "run"
+    pipeline.run_pipeline(c, str(root))
+    info = json.loads((root / "weights" / "converted.json").read_text())
+    assert info["variant"] == "r50_0.0625x_sk0" and info["format"] == "torch_resnet"
+    assert trained[0] == (str(root / "simclr"), str(root / "weights"))
+    assert trained[1] == (str(root / "micle"), str(root / "simclr"))
+    stamp = (root / "weights" / "converted.json").stat().st_mtime_ns
+    pipeline.run_pipeline(c, str(root))
+    assert (root / "weights" / "converted.json").stat().st_mtime_ns == stamp
+    c.weights.source = str(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="config.weights.source: .*nope.pth' does not exist"):
+        pipeline.run_pipeline(c, str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
