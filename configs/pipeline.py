@@ -27,8 +27,9 @@ from the first stage); fractions, seeds, bootstrap; weights (stage 0: weights.so
 weights.format of a released checkpoint, converted into WORKDIR/weights for
 pretrain.model.variant, where the first stage starts).
 arms: the stages that continue from the first, name -> overrides of the micle config separated
-by ';' (default {'micle': ''}; e.g. --config.arms.micle_mix='sampler.distinct_prob=0.5'), each
-one more init of the sweeps. pretrain_per_seed: one first stage and one of each arm per seed
+by ';' (default {'micle': ''}; --config.arms.micle='sampler.distinct_prob=0.5' changes an arm;
+the command line cannot add keys, so new arms go in a variant, as nih's), each one more init
+of the sweeps. pretrain_per_seed: one first stage and one of each arm per seed
 (fine-tuning seed s starts from pretraining seed s). probe: also a linear-eval sweep (config
 `linear`) on every init with all labels.
 
