@@ -93,63 +93,45 @@ def summarise(root: str, bootstrap: int) -> dict:
                     },
                 )
             )
+    splits = ("validation", "test")
     for sweep in ("finetune", "linear"):
         runs, _ = load_runs([os.path.join(root, sweep)])
-        groups: dict = defaultdict(list)  # (init, fraction) -> runs over seeds
-        for r in runs:
+        groups: dict = defaultdict(list)  # (init, fraction) -> runs, by seed
+        for r in sorted(runs, key=lambda r: r.results["seed"]):
             groups[(r.results["init"], float(r.results["label_fraction"]))].append(r)
-
-        def preds(rs, split):
-            return [
+        preds = {  # every prediction CSV read once: (init, fraction, split) -> one per seed
+            (*key, split): [
                 predictions.read_predictions_csv(r.folder / r.results["predictions"][split])
-                for r in sorted(rs, key=lambda r: r.results["seed"])
+                for r in rs
             ]
-
+            for key, rs in groups.items()
+            for split in splits
+        }
         for (init, frac), rs in sorted(groups.items()):
-            for split in ("validation", "test"):
-                p = preds(rs, split)
+            for split in splits:
                 for m in METRICS:
+                    p = preds[(init, frac, split)]
                     point, lo, hi = confidence.bootstrap_ci(p, m, num_replicates=bootstrap)
-                    values = [
-                        r.metric(split, m) for r in sorted(rs, key=lambda r: r.results["seed"])
-                    ]
+                    seeds = [r.metric(split, m) for r in rs]
+                    cell = dict(init=init, mean=point, ci=[lo, hi], seeds=seeds)
                     out["cells"].append(
-                        dict(
-                            sweep=sweep,
-                            init=init,
-                            fraction=frac,
-                            split=split,
-                            metric=m,
-                            mean=point,
-                            ci=[lo, hi],
-                            seeds=values,
-                        )
+                        dict(sweep=sweep, fraction=frac, split=split, metric=m, **cell)
                     )
         pairs = [(a, CONTROL) for a, _ in groups if a not in (CONTROL, "scratch", "simclr")]
         pairs += [(a, "scratch") for a, _ in groups if a != "scratch"]
         for a, b in sorted(set(pairs)):
-            for frac in sorted({f for i, f in groups if i == a}):
-                if (b, frac) not in groups:
-                    continue
-                for split in ("validation", "test"):
+            for frac in sorted({f for i, f in groups if i == a and (b, f) in groups}):
+                for split in splits:
                     for m in METRICS:
                         point, lo, hi = confidence.paired_difference_ci(
-                            preds(groups[(a, frac)], split),
-                            preds(groups[(b, frac)], split),
+                            preds[(a, frac, split)],
+                            preds[(b, frac, split)],
                             m,
                             num_replicates=bootstrap,
                         )
+                        pair = dict(a=a, b=b, diff=point, ci=[lo, hi])
                         out["paired"].append(
-                            dict(
-                                sweep=sweep,
-                                a=a,
-                                b=b,
-                                fraction=frac,
-                                split=split,
-                                metric=m,
-                                diff=point,
-                                ci=[lo, hi],
-                            )
+                            dict(sweep=sweep, fraction=frac, split=split, metric=m, **pair)
                         )
     return out
 
@@ -238,10 +220,10 @@ def main() -> None:
         key, eq, value = kv.partition("=")
         if not eq:
             raise SystemExit(f"error: --set {kv!r}: expected KEY=VALUE")
-        node, *path = config, *key.split(".")
-        for p in path[:-1]:
-            node = node[p]
-        node[path[-1]] = config_lib.parse_value(node[path[-1]], value)
+        try:
+            config_lib.set_field(config, key, value, where="--set ")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     t0 = time.time()
     print(f"{n} images from {args.nih}; pipeline in {args.workdir}", flush=True)
     report = pipeline.run_pipeline(config, args.workdir)

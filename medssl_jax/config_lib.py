@@ -70,6 +70,20 @@ def parse_value(old: Any, text: str) -> Any:
     return type(old)(text) if old is not None else text
 
 
+def set_field(config: ml_collections.ConfigDict, key: str, text: str, where: str = "") -> None:
+    """config[a][b]... = `text` parsed like the field's current value (`parse_value`), for a
+    dotted `key` 'a.b' that must exist; ValueError names `where` and the missing part."""
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        if part not in node:
+            raise ValueError(f"{where}{key!r}: no field {part!r}")
+        node = node[part]
+    if last not in node:
+        raise ValueError(f"{where}{key!r}: no field {last!r}")
+    node[last] = parse_value(node[last], text)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every field the stages read; raises ConfigError naming the first bad one."""
     from data_builders import KNOWN

@@ -40,14 +40,7 @@ def _apply(c: ml_collections.ConfigDict, overrides: list[tuple[str, str]], field
     from medssl_jax import config_lib
 
     for key, value in overrides:
-        node, *path = c, *key.split(".")
-        for p in path[:-1]:
-            if p not in node:
-                raise ValueError(f"config.{field}: {key!r}: no field {p!r}")
-            node = node[p]
-        if path[-1] not in node:
-            raise ValueError(f"config.{field}: {key!r}: no field {path[-1]!r}")
-        node[path[-1]] = config_lib.parse_value(node[path[-1]], value)
+        config_lib.set_field(c, key, value, where=f"config.{field}: ")
 
 
 def stage_dir(root, name: str, seed: int | str | None) -> str:
