@@ -8,6 +8,7 @@ from typing import Any
 def print_table(results: list[dict[str, Any]]) -> None:
     """One row per sweep entry."""
     cols = [
+        ("method", lambda r: r.get("label", r.get("method", "?"))),
         ("variant", lambda r: r["variant"]),
         ("px", lambda r: str(r["image_size"])),
         ("batch", lambda r: str(r["batch_size"])),

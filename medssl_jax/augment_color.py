@@ -24,6 +24,19 @@ from typing import Any
 
 import tensorflow as tf
 
+# The colour parameter vector's layout (TF-free, shared with augment_device).
+from medssl_jax.color_layout import (
+    NUM_COLOR_PARAMS,
+    PARAM_BLUR,
+    PARAM_BRIGHTNESS,
+    PARAM_GRAY,
+    PARAM_HUE,
+    PARAM_JITTER,
+    PARAM_ORDER,
+    PARAM_SIGMA,
+    blur_kernel_size,
+)
+
 # Sub-seed slots of both halves (fixed so that disabling one stage leaves the others' draws
 # unchanged); crop, flip and rotation are used by augment's geometric half.
 _CROP, _FLIP, _JITTER_APPLY, _JITTER, _GRAY, _BLUR_APPLY, _BLUR_SIGMA, _ROTATE = range(8)
@@ -31,18 +44,6 @@ _NUM_SLOTS = 8
 
 _BLUR_SIGMA_RANGE = (0.1, 2.0)
 
-# Layout of the colour parameter vector (float32 [NUM_COLOR_PARAMS]) that ``color_params`` draws
-# and ``apply_color`` (TF here, JAX in augment_device) consumes. Flags are 0.0 / 1.0.
-PARAM_JITTER = 0  # colour jitter applied
-PARAM_BRIGHTNESS = 1  # brightness factor (multiplicative; 1 = no-op)
-PARAM_CONTRAST = 2  # contrast factor (1 = no-op)
-PARAM_SATURATION = 3  # saturation factor (1 = no-op)
-PARAM_HUE = 4  # hue delta in turns, in [-0.5, 0.5] (0 = no-op)
-PARAM_ORDER = 5  # 4 slots [5, 9): jitter op order, a permutation of 0..3 (see _jitter_order)
-PARAM_GRAY = 9  # grayscale applied
-PARAM_BLUR = 10  # Gaussian blur applied
-PARAM_SIGMA = 11  # blur sigma (drawn even when blur is off; unused then)
-NUM_COLOR_PARAMS = 12
 _NEUTRAL_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue delta
 
 
@@ -189,11 +190,6 @@ def _color_jitter_strength(image: tf.Tensor, seed: tf.Tensor, strength: float) -
 
 
 # ----------------------------------------------------------------------------- blur
-
-
-def blur_kernel_size(image_size: int) -> int:
-    """SimCLR kernel size for ``image_size``: ``image_size // 10`` made odd (2*(k//2)+1)."""
-    return 2 * ((image_size // 10) // 2) + 1
 
 
 def gaussian_kernel_1d(kernel_size: int, sigma: tf.Tensor | float) -> tf.Tensor:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medssl_jax.augment_color import (
+from medssl_jax.color_layout import (
     NUM_COLOR_PARAMS,
     PARAM_BLUR,
     PARAM_BRIGHTNESS,

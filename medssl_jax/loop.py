@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
 
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import paths, sharding
@@ -101,6 +100,10 @@ def fit(
     max_skips = int(config.get("nan_max_skips", 10))
     skips_in_row = 0
     meta = dict(meta)
+
+    # clu's writers import TensorFlow (TensorBoard summaries): imported only when a loop runs,
+    # so the step and its benchmarks import on machines without TensorFlow.
+    from clu import metric_writers, periodic_actions
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True

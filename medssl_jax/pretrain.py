@@ -17,16 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medssl_jax import (
-    augment_color,
-    augment_device,
-    config_lib,
-    datasets,
-    input_pipeline,
-    methods,
-    optim,
-    sharding,
-)
+from medssl_jax import augment_device, color_layout, config_lib, methods, optim, sharding
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax.loop import fit, write_json
 from medssl_jax.state import Built, TrainState, compile_train, init_variables, label_structs
@@ -136,7 +127,7 @@ def build(
         )
     if color_on_device(config):
         abstract_batch["color_params"] = jax.ShapeDtypeStruct(
-            (b, 2 + views.num_local, augment_color.NUM_COLOR_PARAMS), jnp.float32, sharding=data_sh
+            (b, 2 + views.num_local, color_layout.NUM_COLOR_PARAMS), jnp.float32, sharding=data_sh
         )
     return compile_train(
         parts.model,
@@ -191,6 +182,9 @@ def method_label(config: ml_collections.ConfigDict) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrains per `config` (method + sampler); writes checkpoints and `results.json`."""
+    # The host pipeline needs TensorFlow; the step (`build`) does not, so it is imported here.
+    from medssl_jax import datasets, input_pipeline
+
     config_lib.validate(config)
     mesh = sharding.make_mesh()
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)

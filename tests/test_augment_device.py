@@ -12,6 +12,7 @@ import tensorflow as tf
 from medssl_jax import augment as A
 from medssl_jax import augment_color as C
 from medssl_jax import augment_device as D
+from medssl_jax import color_layout as L
 
 S = 32  # blur kernel 3
 # JAX vs TF: both follow TF's CPU kernels op for op, so the only differences are float32
@@ -72,11 +73,11 @@ def _params(
     blur=0.0,
     sigma=1.0,
 ) -> np.ndarray:
-    p = np.zeros([C.NUM_COLOR_PARAMS], np.float32)
-    p[C.PARAM_JITTER] = jitter
-    p[[C.PARAM_BRIGHTNESS, C.PARAM_CONTRAST, C.PARAM_SATURATION, C.PARAM_HUE]] = factors
-    p[C.PARAM_ORDER : C.PARAM_ORDER + 4] = order
-    p[[C.PARAM_GRAY, C.PARAM_BLUR, C.PARAM_SIGMA]] = gray, blur, sigma
+    p = np.zeros([L.NUM_COLOR_PARAMS], np.float32)
+    p[L.PARAM_JITTER] = jitter
+    p[[L.PARAM_BRIGHTNESS, L.PARAM_CONTRAST, L.PARAM_SATURATION, L.PARAM_HUE]] = factors
+    p[L.PARAM_ORDER : L.PARAM_ORDER + 4] = order
+    p[[L.PARAM_GRAY, L.PARAM_BLUR, L.PARAM_SIGMA]] = gray, blur, sigma
     return p
 
 
@@ -214,26 +215,26 @@ def test_color_jitter_unchanged_by_refactor():
 
 def test_color_params_layout_and_decisions():
     draws = np.stack([C.color_params(_seed(i)).numpy() for i in range(40)])
-    assert draws.shape == (40, C.NUM_COLOR_PARAMS) and draws.dtype == np.float32
-    for col in (C.PARAM_JITTER, C.PARAM_GRAY, C.PARAM_BLUR):
+    assert draws.shape == (40, L.NUM_COLOR_PARAMS) and draws.dtype == np.float32
+    for col in (L.PARAM_JITTER, L.PARAM_GRAY, L.PARAM_BLUR):
         assert set(np.unique(draws[:, col])) <= {0.0, 1.0}
         assert 0 < draws[:, col].sum() < 40  # p in (0, 1): both outcomes occur
-    order = draws[:, C.PARAM_ORDER : C.PARAM_ORDER + 4]
+    order = draws[:, L.PARAM_ORDER : L.PARAM_ORDER + 4]
     assert all(sorted(o) == [0, 1, 2, 3] for o in order.tolist())
     for col, lo, hi in [
-        (C.PARAM_BRIGHTNESS, 0.2, 1.8),
-        (C.PARAM_CONTRAST, 0.2, 1.8),
-        (C.PARAM_SATURATION, 0.2, 1.8),
-        (C.PARAM_HUE, -0.2, 0.2),
-        (C.PARAM_SIGMA, 0.1, 2.0),
+        (L.PARAM_BRIGHTNESS, 0.2, 1.8),
+        (L.PARAM_CONTRAST, 0.2, 1.8),
+        (L.PARAM_SATURATION, 0.2, 1.8),
+        (L.PARAM_HUE, -0.2, 0.2),
+        (L.PARAM_SIGMA, 0.1, 2.0),
     ]:
         assert lo - 1e-6 <= draws[:, col].min() and draws[:, col].max() <= hi + 1e-6
     # p = 1 / p = 0 / blur off / no colour: fixed decisions, neutral factors without strength.
     p = C.color_params(_seed(1), color_jitter_prob=1.0, grayscale_prob=0.0, blur=False).numpy()
-    assert p[C.PARAM_JITTER] == 1 and p[C.PARAM_GRAY] == 0 and p[C.PARAM_BLUR] == 0
+    assert p[L.PARAM_JITTER] == 1 and p[L.PARAM_GRAY] == 0 and p[L.PARAM_BLUR] == 0
     p = C.color_params(_seed(1), color_strength=0.0, grayscale_prob=1.0).numpy()
-    assert p[C.PARAM_JITTER] == 0 and p[C.PARAM_GRAY] == 1
-    np.testing.assert_array_equal(p[C.PARAM_BRIGHTNESS : C.PARAM_HUE + 1], [1, 1, 1, 0])
+    assert p[L.PARAM_JITTER] == 0 and p[L.PARAM_GRAY] == 1
+    np.testing.assert_array_equal(p[L.PARAM_BRIGHTNESS : L.PARAM_HUE + 1], [1, 1, 1, 0])
     with pytest.raises(ValueError, match="grayscale_prob"):
         C.color_params(_seed(1), grayscale_prob=2.0)
     with pytest.raises(ValueError, match="unknown"):

@@ -186,6 +186,22 @@ def test_gpu_script_runs_the_paper_suite_at_a_small_batch(tmp_path):
         assert not pipeline and "not measured" in proc.stderr
 
 
+def test_step_and_its_benchmark_import_without_tensorflow():
+    """Accelerator images often lack TensorFlow (and it is too big to carry there): the step
+    (`pretrain.build`), device augmentation and bench_train must not need it; only the host
+    pipeline and clu's summary writers do, and they are imported where a run uses them."""
+    code = (
+        "import sys\n"
+        "for m in ('tensorflow', 'tensorflow_datasets'): sys.modules[m] = None\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import bench_train\n"
+        "from medssl_jax import augment_device, loop, pretrain, state\n"
+        "bench_train.parse_args(['--suite', 'paper'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_bench_train_rejects_batch_not_divisible_by_devices(capsys):
     with pytest.raises(SystemExit, match=r"--batch_size 12 must be a multiple .*devices \(8"):
         bench_train.main(TINY_ARGS[:-6] + ["--batch_size", "12"])

@@ -1,0 +1,25 @@
+"""Layout of the colour-parameter vector that the host draws and the device applies.
+
+``augment_color.color_params`` (TensorFlow, host) writes it and ``augment_color.apply_color`` or
+``augment_device.apply_color`` (JAX) reads it. The layout lives here, free of TensorFlow, so the
+compiled training step imports on machines that have no TensorFlow (accelerator images).
+Flags are 0.0 / 1.0; the vector is float32 ``[NUM_COLOR_PARAMS]``.
+"""
+
+from __future__ import annotations
+
+PARAM_JITTER = 0  # colour jitter applied
+PARAM_BRIGHTNESS = 1  # brightness factor (multiplicative; 1 = no-op)
+PARAM_CONTRAST = 2  # contrast factor (1 = no-op)
+PARAM_SATURATION = 3  # saturation factor (1 = no-op)
+PARAM_HUE = 4  # hue delta in turns, in [-0.5, 0.5] (0 = no-op)
+PARAM_ORDER = 5  # 4 slots [5, 9): jitter op order, a permutation of 0..3
+PARAM_GRAY = 9  # grayscale applied
+PARAM_BLUR = 10  # Gaussian blur applied
+PARAM_SIGMA = 11  # blur sigma (drawn even when blur is off; unused then)
+NUM_COLOR_PARAMS = 12
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """SimCLR kernel size for ``image_size``: ``image_size // 10`` made odd (2*(k//2)+1)."""
+    return 2 * ((image_size // 10) // 2) + 1
