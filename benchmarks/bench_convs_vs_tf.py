@@ -14,7 +14,6 @@ stage 4's 2x2 maps and the strided shortcuts are left out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax import lax  # noqa: E402
 
+from medssl_jax.loop import write_json  # noqa: E402
 from medssl_jax.models.resnet import fixed_padding, im2col_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_average_1m=os.getloadavg()[0],
     )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(os.path.abspath(args.out), report)
         print(f"wrote {args.out}")
     return report
 
