@@ -37,7 +37,7 @@ import bench_memory  # noqa: E402
 from bench_table import print_table  # noqa: E402
 
 from medssl_jax import config_lib, pretrain, sharding  # noqa: E402
-from medssl_jax.models import count_params, get_variant, resnet  # noqa: E402
+from medssl_jax.models import count_params, get_variant, pooling, resnet  # noqa: E402
 from medssl_jax.peak import step_peak  # noqa: E402
 
 
@@ -439,6 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res = bench_fitting(c, args) if args.fit else bench_step(c, args)
         res["conv1x1"] = mode
         res["conv1x1_as_dot"] = resnet.conv1x1_as_dot()
+        res["maxpool_grad"] = "mask" if pooling.mask_max_pool_grad() else "xla"  # models/pooling
         if store is not None:
             res.update(bench_pipeline(c, store, args.pipeline_batches))
             res["pipeline_dataset"] = f"{store.spec.name}/{store.spec.split}"

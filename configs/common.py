@@ -27,9 +27,9 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     # Compute dtype of the activations (bf16 activations: half their memory); parameters,
     # BatchNorm statistics, losses and the optimiser stay float32.
     c.model.dtype = "bfloat16"
-    # Recompute each backbone block's activations in the backward pass (nn.remat per ResNet /
-    # ViT block) instead of storing them: ~1/3 more compute, far less activation memory. The
-    # variables (and checkpoints) are the same as without it.
+    # Recompute each backbone block's activations in the backward pass (nn.remat per ResNet
+    # stem and block / ViT block) instead of storing them: ~1/3 more compute, far less
+    # activation memory. The variables (and checkpoints) are the same as without it.
     c.model.remat = False
     c.model.num_proj_layers = 2  # SimCLRv1 head as in Azizi et al.; SimCLRv2 uses 3
     c.model.proj_out_dim = 128

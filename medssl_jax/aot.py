@@ -194,17 +194,20 @@ def dataset_labels(config: Any) -> tuple[str, int]:
 
 def plan(config: Any, topology: str | Topology) -> dict[str, Any]:
     """Compiles the pretraining step of `config` for `topology`; the report as a dict."""
-    # The program a TPU runs: 1x1 convs as convolutions (on this CPU host the backend rule of
-    # models/resnet.conv1x1_as_dot would make them dots); restored afterwards.
-    before = os.environ.get("MEDSSL_CONV1X1")
-    os.environ["MEDSSL_CONV1X1"] = "conv"
+    # The program a TPU runs: 1x1 convs as convolutions and XLA's max-pool gradient (on this
+    # CPU host the backend rules of models/resnet.py and models/pooling.py would pick the
+    # CPU forms); restored afterwards.
+    tpu_forms = {"MEDSSL_CONV1X1": "conv", "MEDSSL_MAXPOOL_GRAD": "xla"}
+    before = {k: os.environ.get(k) for k in tpu_forms}
+    os.environ.update(tpu_forms)
     try:
         return _plan(config, topology)
     finally:
-        if before is None:
-            os.environ.pop("MEDSSL_CONV1X1", None)
-        else:
-            os.environ["MEDSSL_CONV1X1"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _plan(config: Any, topology: str | Topology) -> dict[str, Any]:
@@ -263,7 +266,7 @@ def _plan(config: Any, topology: str | Topology) -> dict[str, Any]:
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses programs that exceed HBM
-        oom = _parse_oom(str(e))
+        oom = parse_oom(str(e))
         if oom is None:
             raise
         row["compile_seconds"] = round(time.perf_counter() - t1, 1)
@@ -314,20 +317,34 @@ def _plan(config: Any, topology: str | Topology) -> dict[str, Any]:
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _parse_oom(message: str) -> dict[str, float] | None:
-    """XLA:TPU's out-of-HBM compile error ('Ran out of memory in memory space hbm. Used 20.5G
-    of 15.75G hbm. Exceeded hbm capacity by 4.8G.') as {'used', 'usable'} bytes, else None."""
+def parse_oom(message: str) -> dict[str, Any] | None:
+    """XLA:TPU's out-of-HBM compile error as {'used', 'usable', 'what'} bytes, else None.
+
+    Two forms: 'Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm.' (what =
+    'total') and 'the total memory required for HLO temporaries (34.98G) exceeds available HBM
+    (30.75G)' (what = 'temporaries': a lower bound of the total). XLA's 'G' is 2**30 bytes.
+    """
     if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
         return None
-    m = re.search(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", message)
-    if not m:
-        if "Ran out of memory" in message or "RESOURCE_EXHAUSTED" in message:
-            return {"used": float("nan"), "usable": float("nan")}
-        return None
-    return {
-        "used": float(m.group(1)) * _UNITS[m.group(2)],
-        "usable": float(m.group(3)) * _UNITS[m.group(4)],
-    }
+    forms = (
+        (r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", "total"),
+        (
+            r"required for HLO temporaries \(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
+            r"\(([\d.]+)([KMGT]?)i?B?\)",
+            "temporaries",
+        ),
+    )
+    for pattern, what in forms:
+        m = re.search(pattern, message)
+        if m:
+            return {
+                "used": float(m.group(1)) * _UNITS[m.group(2)],
+                "usable": float(m.group(3)) * _UNITS[m.group(4)],
+                "what": what,
+            }
+    if "Ran out of memory" in message or "RESOURCE_EXHAUSTED" in message:
+        return {"used": float("nan"), "usable": float("nan"), "what": "total"}
+    return None
 
 
 def _oom_row(row: dict, oom: dict, lowered: Any, topo: Topology, message: str) -> dict:
@@ -341,6 +358,7 @@ def _oom_row(row: dict, oom: dict, lowered: Any, topo: Topology, message: str) -
         hbm_used_bytes=None if used != used else int(used),
         hbm_usable_bytes_compiler=None if oom["usable"] != oom["usable"] else int(oom["usable"]),
         hbm_used_fraction=None if used != used else round(used / topo.chip.hbm_bytes, 4),
+        hbm_needed_what=oom["what"],
     )
     try:
         cost = lowered.cost_analysis()

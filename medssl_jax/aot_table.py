@@ -12,11 +12,23 @@ import sys
 import time
 from typing import Any
 
-from medssl_jax.aot import CHIPS, GIB, parse_topology
+from medssl_jax.aot import CHIPS, GIB, parse_oom, parse_topology
 
 
 def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+def _needed(row: dict[str, Any]) -> tuple[float | None, float | None, str]:
+    """(needed, usable, what) HBM bytes of a row the compiler refused; rows written before the
+    'temporaries' form was parsed are read again from their stored message."""
+    used, usable = row.get("hbm_used_bytes"), row.get("hbm_usable_bytes_compiler")
+    what = row.get("hbm_needed_what", "total")
+    if used is None:
+        oom = parse_oom(row.get("compile_error", "")) or {}
+        if oom.get("used", float("nan")) == oom.get("used"):  # not NaN
+            used, usable, what = oom["used"], oom["usable"], oom["what"]
+    return used, usable, what
 
 
 def format_report(row: dict[str, Any]) -> str:
@@ -32,13 +44,13 @@ def format_report(row: dict[str, Any]) -> str:
         f"{row['images_per_example']} views at {row['image_size']} px"
     )
     if row.get("compile_error"):
-        used = row.get("hbm_used_bytes")
-        usable = row.get("hbm_usable_bytes_compiler")
+        used, usable, what = _needed(row)
+        what = " (temporaries alone)" if what == "temporaries" else ""
         lines = [
             head,
             f"  lowered in {row['lower_seconds']} s; XLA:TPU refused it after "
             f"{row['compile_seconds']} s: out of HBM",
-            f"  HBM per chip: {_gib(used) if used else '?'} needed, "
+            f"  HBM per chip: {_gib(used) if used else '?'} needed{what}, "
             f"{_gib(usable) if usable else '?'} usable of {_gib(cap)} -> {verdict}",
         ]
         if row.get("flops_per_step"):
@@ -85,11 +97,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             out.append(f"| {name} | {where} | | {err} | | | | | |")
             continue
         if r.get("compile_error"):
-            used = r.get("hbm_used_bytes")
+            used, _, what = _needed(r)
+            what = " of temporaries" if what == "temporaries" else ""
             flops = f"{r['flops_per_step']:.2e}" if r.get("flops_per_step") else "-"
             out.append(
                 f"| {name} | {where} | {r['batch_per_chip']} | "
-                f"{f'{used / GIB:.1f} GiB' if used else '?'} needed (compiler: out of HBM, "
+                f"{f'{used / GIB:.1f} GiB' if used else '?'}{what} needed (compiler: out of HBM, "
                 f"{r['hbm_capacity_bytes'] / GIB:.0f} GiB chip) | **no** | {flops} | - | - | "
                 f"{r['compile_seconds']:.0f} s |"
             )
@@ -147,20 +160,25 @@ def run_all(
 ) -> list[dict[str, Any]]:
     """Every config x slice, each in its own process (`parallel` at a time, with a time limit).
     Rows are written to `out_path` as they finish; with `resume`, rows already there without an
-    error are kept and not recompiled (an interrupted run continues)."""
+    error are kept and not recompiled (an interrupted run continues). Rows of other pairs in
+    `out_path` (an earlier run over more configs or slices) are kept too."""
     from concurrent.futures import ThreadPoolExecutor
 
+    tasks = [(c, s) for c in configs for s in slices]
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    if resume and os.path.exists(out_path):
+    others: list[dict[str, Any]] = []  # rows of pairs this run does not compute: kept as they are
+    if os.path.exists(out_path):
         with open(out_path) as f:
             for r in json.load(f).get("rows", []):
-                if not r.get("error"):
-                    done[(r["config"], r["slice"])] = r
-    tasks = [(c, s) for c in configs for s in slices]
+                key = (r.get("config"), r.get("slice"))
+                if key not in tasks:
+                    others.append(r)
+                elif resume and not r.get("error"):
+                    done[key] = r
     results: dict[tuple[str, str], dict[str, Any]] = {t: done[t] for t in tasks if t in done}
 
     def rows_in_order() -> list[dict[str, Any]]:
-        return [results[t] for t in tasks if t in results]
+        return others + [results[t] for t in tasks if t in results]
 
     todo = [t for t in tasks if t not in results]
     with ThreadPoolExecutor(max(parallel, 1)) as pool:

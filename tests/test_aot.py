@@ -37,10 +37,10 @@ def test_out_of_hbm_compile_error_is_does_not_fit():
         "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
         "hbm. Used 25.13G of 15.48G hbm. Exceeded hbm capacity by 9.65G."
     )
-    oom = aot._parse_oom(msg)
+    oom = aot.parse_oom(msg)
     assert oom["used"] == pytest.approx(25.13 * 2**30)
     assert oom["usable"] == pytest.approx(15.48 * 2**30)
-    assert aot._parse_oom("INVALID_ARGUMENT: bad sharding") is None
+    assert aot.parse_oom("INVALID_ARGUMENT: bad sharding") is None
     row = {
         "config": "c",
         "slice": "v5e-4",
@@ -62,6 +62,35 @@ def test_out_of_hbm_compile_error_is_does_not_fit():
     assert row["fits"] is False and row["hbm_used_bytes"] > row["hbm_capacity_bytes"]
     assert "DOES NOT FIT" in aot_table.format_report(row)
     assert "**no**" in aot_table.markdown_table([row])
+
+
+def test_out_of_hbm_for_temporaries_reports_what_was_needed():
+    """libtpu's other refusal names only the temporaries; rows stored before it was parsed
+    (hbm_used_bytes None) get their figure from the stored message in the table."""
+    msg = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (34.98G) exceeds available HBM (30.75G)."
+    )
+    oom = aot.parse_oom(msg)
+    assert oom == {
+        "used": pytest.approx(34.98 * 2**30),
+        "usable": pytest.approx(30.75 * 2**30),
+        "what": "temporaries",
+    }
+    row = {
+        "config": "configs/micle.py:r",
+        "slice": "v4-32",
+        "chips": 16,
+        "batch_per_chip": 32,
+        "hbm_capacity_bytes": aot.CHIPS["v4"].hbm_bytes,
+        "compile_seconds": 9.0,
+        "compile_error": msg,
+        "hbm_used_bytes": None,
+        "fits": False,
+    }
+    assert "| 35.0 GiB of temporaries needed (compiler: out of HBM, 32 GiB chip) |" in (
+        aot_table.markdown_table([row])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +123,32 @@ def test_batch_that_does_not_split_over_the_chips_is_an_error():
 
     with pytest.raises(ConfigError, match="not a multiple of the 16 chips"):
         aot.plan(tiny_config(batch_size=24), "v4-32")
+
+
+def test_run_all_on_a_subset_keeps_the_other_rows(tmp_path, monkeypatch):
+    """`--all --configs=X --slices=Y` recomputes only (X, Y): rows of other pairs already in the
+    JSON stay, rows of (X, Y) with an error are recomputed, finished ones are kept (resume)."""
+    calls = []
+
+    def fake_row(cfg, sl, tmp, timeout_s, extra_args):
+        calls.append((cfg, sl))
+        return {"config": cfg, "slice": sl, "fits": True}
+
+    monkeypatch.setattr(aot_table, "_run_row", fake_row)
+    monkeypatch.setattr(aot_table, "format_report", str)  # the fake rows lack a report's fields
+    out = tmp_path / "plan.json"
+    before = [
+        {"config": "a", "slice": "v4-32", "fits": False},
+        {"config": "b", "slice": "v4-32", "error": "timed out"},
+        {"config": "b", "slice": "v5e-64", "fits": True},
+    ]
+    out.write_text(json.dumps({"rows": before}))
+    rows = aot_table.run_all(["b"], ["v4-32", "v5e-64"], str(out), timeout_s=1.0)
+    assert calls == [("b", "v4-32")]
+    stored = json.loads(out.read_text())["rows"]
+    assert stored == rows
+    assert {(r["config"], r["slice"]): r.get("fits") for r in stored} == {
+        ("a", "v4-32"): False,
+        ("b", "v4-32"): True,
+        ("b", "v5e-64"): True,
+    }

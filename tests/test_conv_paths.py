@@ -109,3 +109,32 @@ def test_im2col_dots_are_2d_forward_and_backward(monkeypatch):
     assert all(v.aval.ndim == 2 for e in dots for v in e.invars), [
         [v.aval.shape for v in e.invars] for e in dots
     ]
+
+
+@pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1))])  # SimCLR's, torchvision's
+@pytest.mark.parametrize("hw", [(9, 10), (8, 7)])  # odd and even sides
+def test_max_pool_mask_gradient_equals_autodiff(monkeypatch, padding, hw):
+    """The stem max-pool's mask gradient equals JAX's autodiff of nn.max_pool, ties included
+    (ReLU zeros: the first maximum in row-major window order gets the gradient; a wrong
+    choice moves a whole cotangent), and its backward holds no reduce-window."""
+    import flax.linen as nn
+
+    from medssl_jax.models import pooling
+
+    monkeypatch.setenv("MEDSSL_MAXPOOL_GRAD", "mask")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, *hw, 5)).astype(np.float32)
+    x = np.where(rng.random(x.shape) < 0.5, 0.0, x).astype(np.float32)  # many tied zeros
+    x[0, :3, :3, 0] = 1.0  # a window whose maximum is tied 9 ways
+    ref_fn = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)  # noqa: E731
+    mine_fn = lambda x: pooling.max_pool_3x3_s2(x, padding)  # noqa: E731
+    ref_y, ref_vjp = jax.vjp(ref_fn, x)
+    y, vjp = jax.vjp(mine_fn, x)
+    np.testing.assert_array_equal(y, ref_y)
+    g = rng.random(y.shape, dtype=np.float32) + 0.5
+    # Up to float32 rounding: a position in up to 4 windows sums their cotangents in another
+    # order.
+    np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-6, atol=1e-6)
+    hlo = jax.jit(lambda x, g: jax.vjp(mine_fn, x)[1](g)).lower(x, g).as_text()
+    assert hlo.count("reduce_window") == 1  # the forward's; the backward's are masks
+    assert "select_and_scatter" not in hlo and "select_and_gather" not in hlo

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medssl_jax.models.pooling import max_pool_3x3_s2
+
 # depth -> number of blocks per group (4 groups).
 BLOCK_SIZES: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -322,8 +324,8 @@ class ResNet(nn.Module):
     stride-1 conv without max-pool (SimCLR's CIFAR variant, for tiny images). `torch_maxpool`
     pads the stem's max-pool by 1 on every side (torchvision) instead of SAME (SimCLR), so that
     converted PyTorch weights (SwAV, DINO) reproduce their network's outputs. `remat` recomputes
-    each residual block's activations in the backward pass (`nn.remat`, one block at a time)
-    instead of keeping them: less memory, one more forward; same variables and same numbers.
+    the stem's and each residual block's activations in the backward pass (`nn.remat`, one at a
+    time) instead of keeping them: less memory, one more forward; same variables and numbers.
     """
 
     depth: int = 50
@@ -352,22 +354,20 @@ class ResNet(nn.Module):
         )
         x = x.astype(dtype)
 
-        if self.cifar_stem:
-            x = conv(x, ch(64), 3, 1, name="stem_conv0")
-            x = bn(x, name="stem_bn0")
-        else:
+        def stem(mdl: nn.Module, x: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, H/4, W/4, C]
+            del mdl  # the lifted scope: layers below keep their names (stem_conv0, ...)
+            if self.cifar_stem:
+                return bn(conv(x, ch(64), 3, 1, name="stem_conv0"), name="stem_bn0")
             if self.sk_ratio > 0:  # ResNet-D stem: three 3x3 convs.
-                x = conv(x, ch(32), 3, 2, name="stem_conv0")
-                x = bn(x, name="stem_bn0")
-                x = conv(x, ch(32), 3, 1, name="stem_conv1")
-                x = bn(x, name="stem_bn1")
-                x = conv(x, ch(64), 3, 1, name="stem_conv2")
-                x = bn(x, name="stem_bn2")
+                x = bn(conv(x, ch(32), 3, 2, name="stem_conv0"), name="stem_bn0")
+                x = bn(conv(x, ch(32), 3, 1, name="stem_conv1"), name="stem_bn1")
+                x = bn(conv(x, ch(64), 3, 1, name="stem_conv2"), name="stem_bn2")
             else:
-                x = conv(x, ch(64), 7, 2, name="stem_conv0")
-                x = bn(x, name="stem_bn0")
+                x = bn(conv(x, ch(64), 7, 2, name="stem_conv0"), name="stem_bn0")
             pool_pad = ((1, 1), (1, 1)) if self.torch_maxpool else "SAME"
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pool_pad)
+            return max_pool_3x3_s2(x, pool_pad)
+
+        x = (nn.remat(stem) if self.remat else stem)(self, x)
 
         block_cls = BottleneckBlock if self.depth in BOTTLENECK_DEPTHS else BasicBlock
         if self.remat:  # same name= below, so the same variable paths; `train` is static
