@@ -293,3 +293,37 @@ def test_slurm_script_requeues_only_after_preemption(tmp_path, reason, requeued)
     assert (tmp_path / "scontrol").exists() == requeued
     if requeued:
         assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+
+
+def test_hbm_peak_sums_the_live_buffers_by_pass_and_stage():
+    """benchmarks/hbm_peak.py on the shape of XLA's live-range dump: top-level buffers of the
+    peak's stack-trace breakdown summed by forward / backward / other and ResNet stage."""
+    import hbm_peak
+
+    op = "jit(step)/transpose(jvp(SimCLRModel))/backbone/checkpoint"
+    text = "\n".join(
+        [
+            "  Live ranges at 7 (peak):",
+            "  Stack trace breakdown for peak usage: 3 500 bytes",
+            "    main_spmd (100.0%, total: 3 500 bytes, current: 0 bytes, remaining: 3 500 bytes)",
+            f"      ├── {op}/group2_block0/bn3/add_any (40.0%, total: 1 000 bytes, current: 1 000"
+            " bytes, remaining: 2 500 bytes)",
+            f"      ├── {op}/group2_block5/bn3/add_any (40.0%, total: 1 500 bytes, current: 1 500"
+            " bytes, remaining: 1 000 bytes)",
+            "      ├── jit(step)/jvp(SimCLRModel)/backbone/stem_bn0/jit(relu)/max (1.0%, total: 600"
+            " bytes, current: 600 bytes, remaining: 400 bytes)",
+            "      │   └── jit(step)/jvp(SimCLRModel)/backbone/group1_block0/x (nested: not a buffer"
+            " of its own, total: 99 bytes)",
+            "      └── copy-start.12{0} (1.0%, total: 400 bytes, current: 400 bytes, remaining: 0"
+            " bytes)",
+        ]
+    )
+    peak, sums = hbm_peak.peak_breakdown(text)
+    assert peak == 3500
+    assert sums == {
+        ("backward", "group2"): (2500, 2),
+        ("forward", "stem"): (600, 1),
+        ("other", "copy-start{}"): (400, 1),
+    }
+    with pytest.raises(ValueError, match="peak usage"):
+        hbm_peak.peak_breakdown("no such section")

@@ -354,7 +354,7 @@ class ResNet(nn.Module):
         )
         x = x.astype(dtype)
 
-        def stem(mdl: nn.Module, x: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, H/4, W/4, C]
+        def stem(mdl: nn.Module, x: jax.Array) -> jax.Array:  # -> [B, H/4, W/4, C] (CIFAR: H, W)
             del mdl  # the lifted scope: layers below keep their names (stem_conv0, ...)
             if self.cifar_stem:
                 return bn(conv(x, ch(64), 3, 1, name="stem_conv0"), name="stem_bn0")
