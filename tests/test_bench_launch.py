@@ -312,8 +312,8 @@ def test_hbm_peak_sums_the_live_buffers_by_pass_and_stage():
             " bytes, remaining: 1 000 bytes)",
             "      ├── jit(step)/jvp(SimCLRModel)/backbone/stem_bn0/jit(relu)/max (1.0%, total: 600"
             " bytes, current: 600 bytes, remaining: 400 bytes)",
-            "      │   └── jit(step)/jvp(SimCLRModel)/backbone/group1_block0/x (nested: not a buffer"
-            " of its own, total: 99 bytes)",
+            "      │   └── jit(step)/jvp(SimCLRModel)/backbone/group1_block0/x (nested, not a"
+            " buffer of its own, total: 99 bytes)",
             "      └── copy-start.12{0} (1.0%, total: 400 bytes, current: 400 bytes, remaining: 0"
             " bytes)",
         ]
