@@ -95,6 +95,9 @@ def main(argv):
     from medssl_jax.train import quiet_libraries
 
     quiet_libraries()
+    from medssl_jax import tpu_schedule
+
+    added = tpu_schedule.apply(FLAGS.config)  # before libtpu starts (init_distributed below)
     import jax
 
     how = init_distributed()
@@ -114,6 +117,8 @@ def main(argv):
         jax.device_count(),
         jax.devices()[0].platform,
     )
+    if added:
+        logging.info("libtpu flags of sharding.low_memory_schedule: %s", " ".join(added))
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.USER_ERRORS as e:  # bad input or a stopped run: say what, not where in the code

@@ -124,6 +124,10 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.sharding = ml_collections.ConfigDict()
     c.sharding.fsdp = False
     c.sharding.fsdp_min_size = 2**14
+    # TPU only: libtpu's scheduler set for memory instead of overlapping collectives with
+    # compute (medssl_jax/tpu_schedule.py). Opt-in for configs that do not fit otherwise:
+    # R152-3x-SK at 448 px on v4-32 needs it with remat and fsdp (35 -> 28.8 GiB per chip).
+    c.sharding.low_memory_schedule = False
     c.num_epochs = 100.0
     c.num_steps = -1  # > 0 overrides num_epochs
     c.linear_probe = True  # online probe on stop_gradient features when labels exist

@@ -20,6 +20,10 @@ Launch:
       --config.data.manual_dir=/data/HAM10000 --config.init_checkpoint=/runs/simclr_derm
   python main.py --config=configs/micle.py:r50_1x,chexpert --workdir=DIR \
       --config.data.manual_dir=/data/CheXpert-v1.0-small
+  # R152-3x-SK at 448 px on a v4-32 slice: the memory options it needs there (README: AOT plan)
+  python main.py --config=configs/micle.py:r152_3x_sk1 --workdir=gs://BUCKET/run \
+      --config.data.manual_dir=/data/HAM10000 --config.model.remat=True \
+      --config.sharding.fsdp=True --config.sharding.low_memory_schedule=True
 Variants (comma-separated, applied in order):
   r50_1x | r50_4x | r152_2x   the paper's three architectures (released SimCLR names)
   chexpert   CheXpert recipe (case = study; no blur, colour 0.5, rotation 45)

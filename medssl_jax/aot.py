@@ -39,6 +39,8 @@ import sys
 import time
 from typing import Any
 
+from medssl_jax import tpu_schedule
+
 GIB = 1024**3
 
 # Per-chip specifications (one JAX device per chip: v4/v5p in megacore mode).
@@ -87,8 +89,11 @@ PAPER_CONFIGS = (
     "configs/micle.py:r50_4x",
     "configs/micle.py:r152_2x",
     "configs/micle.py:r152_3x_sk1",
-    # The memory options (`model.remat`, `sharding.fsdp`) for the one that needs them.
+    # The memory options (`model.remat`, `sharding.fsdp`) for the one that needs them, and with
+    # libtpu's scheduler set for memory (`sharding.low_memory_schedule`), which v4-32 needs.
     "configs/micle.py:r152_3x_sk1 --config.model.remat=True --config.sharding.fsdp=True",
+    "configs/micle.py:r152_3x_sk1 --config.model.remat=True --config.sharding.fsdp=True "
+    "--config.sharding.low_memory_schedule=True",
 )
 PAPER_SLICES = ("v4-32", "v5e-64", "v5p-32")
 
@@ -153,9 +158,26 @@ def _quiet_libtpu_env() -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
+_LIBTPU_ARGS_AT_START: list[str] = []  # LIBTPU_INIT_ARGS when this process first used libtpu
+_USER_LIBTPU_ARGS = os.environ.get(tpu_schedule.ENV, "")  # the user's own, before any plan
+
+
 def topology_devices(topo: Topology) -> list[Any]:
-    """Compile-only TPU devices (one per chip) of `topo`; TopologyUnavailable without libtpu."""
+    """Compile-only TPU devices (one per chip) of `topo`; TopologyUnavailable without libtpu.
+
+    libtpu reads its flags (LIBTPU_INIT_ARGS, e.g. sharding.low_memory_schedule's) once per
+    process, so a later call wanting other flags is an error, not a plan made with the old ones.
+    """
     _quiet_libtpu_env()
+    args = os.environ.get(tpu_schedule.ENV, "")
+    if not _LIBTPU_ARGS_AT_START:
+        _LIBTPU_ARGS_AT_START.append(args)
+    elif args != _LIBTPU_ARGS_AT_START[0]:
+        raise ValueError(
+            f"libtpu already started in this process with {tpu_schedule.ENV}="
+            f"{_LIBTPU_ARGS_AT_START[0]!r}; this plan needs {args!r}: run it in its own process "
+            "(--all runs every row in one)"
+        )
     from jax.experimental import topologies
 
     dims3 = tuple(topo.dims) + (1,) * (3 - len(topo.dims))
@@ -242,6 +264,11 @@ def _plan(config: Any, topology: str | Topology) -> dict[str, Any]:
             f"{topo.name}"
         )
     row["batch_per_chip"] = batch // topo.num_chips
+    # The user's libtpu flags plus this config's (sharding.low_memory_schedule), set before
+    # libtpu starts; not those of an earlier plan in this process.
+    args, added = tpu_schedule.merged(_USER_LIBTPU_ARGS, tpu_schedule.flags_for(config))
+    os.environ[tpu_schedule.ENV] = args
+    row["libtpu_flags"] = list(added)
     devices = topology_devices(topo)
     mesh = sharding.make_mesh(devices)
     label_kind, num_classes = dataset_labels(config)

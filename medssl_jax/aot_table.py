@@ -90,6 +90,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         name = r.get("config", r.get("variant", "?")).replace("configs/", "")
         name = name.replace(" --config.model.remat=True", " + remat")
         name = name.replace(" --config.sharding.fsdp=True", " + fsdp")
+        name = name.replace(" --config.sharding.low_memory_schedule=True", " + low-memory schedule")
         where = f"{r.get('slice', '?')} ({r.get('chips', '?')})"
         if r.get("error"):
             err = " ".join(str(r["error"]).split())[:120].replace("|", "/")

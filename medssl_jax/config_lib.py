@@ -114,6 +114,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "sharding" in config:
         fsdp = config.sharding.get("fsdp", False)
         _require(isinstance(fsdp, bool), "sharding.fsdp", f"must be a bool, got {fsdp!r}")
+        low = config.sharding.get("low_memory_schedule", False)
+        _require(
+            isinstance(low, bool), "sharding.low_memory_schedule", f"must be a bool, got {low!r}"
+        )
         min_size = config.sharding.get("fsdp_min_size", 0)
         _require(
             isinstance(min_size, int) and not isinstance(min_size, bool) and min_size >= 0,

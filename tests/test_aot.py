@@ -118,6 +118,19 @@ def test_tiny_model_compiles_for_a_tpu_topology(tiny_plan):
     json.dumps(row)  # the --json output
 
 
+def test_plan_with_other_libtpu_flags_needs_its_own_process(tiny_plan, monkeypatch):
+    """libtpu reads its flags once per process: a plan asking for sharding.low_memory_schedule
+    after libtpu started without it is refused (the --all rows each run in their own)."""
+    from medssl_jax import tpu_schedule
+
+    assert tiny_plan["libtpu_flags"] == []
+    monkeypatch.setenv(tpu_schedule.ENV, os.environ.get(tpu_schedule.ENV, ""))  # restored after
+    config = tiny_config()
+    config.sharding.low_memory_schedule = True
+    with pytest.raises(ValueError, match="run it in its own process"):
+        aot.plan(config, "v5e:2x2")
+
+
 def test_batch_that_does_not_split_over_the_chips_is_an_error():
     from medssl_jax.config_lib import ConfigError
 
