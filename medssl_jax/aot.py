@@ -220,7 +220,7 @@ def plan(config: Any, topology: str | Topology) -> dict[str, Any]:
     # CPU host the backend rules of models/resnet.py and models/pooling.py would pick the
     # CPU forms); restored afterwards.
     tpu_forms = {"MEDSSL_CONV1X1": "conv", "MEDSSL_MAXPOOL_GRAD": "xla"}
-    before = {k: os.environ.get(k) for k in tpu_forms}
+    before = {k: os.environ.get(k) for k in (*tpu_forms, tpu_schedule.ENV)}  # _plan sets ENV
     os.environ.update(tpu_forms)
     try:
         return _plan(config, topology)
