@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,10 +25,9 @@ def _needed(row: dict[str, Any]) -> tuple[float | None, float | None, str]:
     'temporaries' form was parsed are read again from their stored message."""
     used, usable = row.get("hbm_used_bytes"), row.get("hbm_usable_bytes_compiler")
     what = row.get("hbm_needed_what", "total")
-    if used is None:
-        oom = parse_oom(row.get("compile_error", "")) or {}
-        if oom.get("used", float("nan")) == oom.get("used"):  # not NaN
-            used, usable, what = oom["used"], oom["usable"], oom["what"]
+    oom = parse_oom(row.get("compile_error", "")) if used is None else None
+    if oom and not math.isnan(oom["used"]):
+        used, usable, what = oom["used"], oom["usable"], oom["what"]
     return used, usable, what
 
 

@@ -50,12 +50,16 @@ def max_pool_3x3_s2(x: jax.Array, padding: str | Sequence[tuple[int, int]] = "SA
     return _pool(x, pads)
 
 
-def _windows(xp: jax.Array, ho: int, wo: int) -> list[jax.Array]:
-    """The nine strided slices of padded `xp`, row-major over the window: 9 x [B, ho, wo, C]."""
+def window_slices(
+    x: jax.Array, window: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int]
+) -> list[jax.Array]:
+    """The kh*kw strided slices of NHWC `x` that a VALID window op reads, row-major over the
+    window: kh*kw x [B, ho, wo, C] (slice (i, j) holds x[:, i + sh*r, j + sw*c])."""
+    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
     return [
-        xp[:, i : i + 2 * (ho - 1) + 1 : 2, j : j + 2 * (wo - 1) + 1 : 2, :]
-        for i in range(3)
-        for j in range(3)
+        x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
     ]
 
 
@@ -89,7 +93,7 @@ def _pool_bwd(pads: Pads, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tup
     hp, wp = xp.shape[1:3]
     taken = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros(xp.shape, g.dtype)
-    for k, window in enumerate(_windows(xp, ho, wo)):
+    for k, window in enumerate(window_slices(xp, (3, 3), (2, 2), (ho, wo))):
         i, j = divmod(k, 3)
         hit = (window == y) & ~taken  # first maximum of each window
         taken = taken | hit

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medssl_jax.models.pooling import max_pool_3x3_s2
+from medssl_jax.models.pooling import max_pool_3x3_s2, window_slices
 
 # depth -> number of blocks per group (4 groups).
 BLOCK_SIZES: dict[int, tuple[int, int, int, int]] = {
@@ -99,11 +99,7 @@ def im2col_conv(
     sh, sw = window_strides
     ho = (lhs.shape[1] - kh) // sh + 1
     wo = (lhs.shape[2] - kw) // sw + 1
-    cols = [
-        lhs[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    cols = window_slices(lhs, (kh, kw), (sh, sw), (ho, wo))
     patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]  # [B, ho, wo, K]
     # A 2-D dot over [B*ho*wo, K] rows: its weight gradient then contracts the rows of two
     # 2-D arrays, which XLA:CPU runs in place. Contracting the (B, ho, wo) dims of 4-D arrays
