@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.set_verbosity(logging.WARNING)
     import importlib
 
+    import jax
     import linear_eval
 
     methods = [m for m in args.methods.split(",") if m]
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overrides": args.override,
         "pretrain_overrides": args.pretrain_override,
         "eval_overrides": args.eval_override,
+        "num_devices": jax.device_count(),  # XLA_FLAGS decides on a CPU host
     }
     if args.out:
         from medssl_jax.loop import write_json

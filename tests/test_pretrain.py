@@ -22,6 +22,9 @@ def method_config(method: str):
     if method == "dino":
         c.dino.freeze_last_layer_epochs = 1.0
         c.dino.warmup_teacher_temp_epochs = 2.0
+        # The other methods run LARS; DINO's runs AdamW (its ViT recipe) so that the device,
+        # FSDP and resume checks also cover Adam's moment state.
+        c.optim.name, c.optim.base_learning_rate, c.optim.lr_scaling = "adamw", 1e-3, "none"
     return c
 
 
