@@ -9,6 +9,8 @@
 #   NIH=/path/to/nih_cxr_1000 bash benchmarks/gpu.sh            # real images elsewhere
 #   PYTHON=python3 ROW_TIMEOUT=300 bash benchmarks/gpu.sh       # interpreter; seconds per row
 #   ROWS='simclr:r50_1x simclr:r152_2x' bash benchmarks/gpu.sh    # some rows (method:model)
+#   bash benchmarks/gpu.sh OUT_DIR   # again, the same day: rows already in OUT_DIR's suite
+#                                    # file are kept and skipped (a run cut short resumes)
 #   GPU_SH_SMOKE=1 bash benchmarks/gpu.sh /tmp/out               # tiny sizes: CPU smoke test
 #
 # Each row (method x model) runs in its own process: the device's peak memory is then that
@@ -31,10 +33,23 @@ if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   data_args=(--size 64 --batch 8 --steps 2)
 fi
 kind=$("$py" -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))") || exit 1
-stamp=$(date -u +%Y%m%d)
+stamp=${STAMP:-$(date -u +%Y%m%d)}
 suite="$out/gpu_${kind}_paper_suite_${stamp}.json"
 rows_dir=$(mktemp -d)
 trap 'rm -rf "$rows_dir"' EXIT
+if [[ -f "$suite" ]]; then  # an earlier run today: its rows, one file per row, as if run now
+  "$py" - "$suite" "$rows_dir" <<'PY' || exit 1
+import json, sys
+
+suite, rows_dir = sys.argv[1:]
+old = json.load(open(suite))
+for r in old["results"]:
+    name = f"{r['label']}.{r['variant'].removesuffix('_sk0')}"
+    with open(f"{rows_dir}/{name}.json", "w") as f:
+        json.dump({"environment": old["environment"], "results": [r]}, f)
+    print(f"kept from {suite}: {name}", file=sys.stderr)
+PY
+fi
 merge() {  # the finished rows -> the suite file, rewritten after each row (a kill keeps them)
   "$py" - "$rows_dir" "$suite" <<'PY'
 import json, os, sys
@@ -59,6 +74,10 @@ failed=0
 rows=${ROWS:-simclr:r50_1x micle:r50_1x simclr:r152_2x micle:r152_2x simclr:r50_4x micle:r50_4x}
 for row in $rows; do
   method=${row%%:*} model=${row#*:}
+  if [[ -z "${ROWS:-}" && -f "$rows_dir/$method.$model.json" ]]; then
+    echo "== $method $model: in $suite already, skipped (ROWS=$method:$model reruns it)" >&2
+    continue
+  fi
   echo "== $method $model" >&2
   if timeout "$row_timeout" "$py" benchmarks/bench_train.py --config "configs/$method.py" \
     --variant "$model" "${step_args[@]}" --out "$rows_dir/$method.$model.json"; then

@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 # No fake devices: on a CPU host these scripts run on one device. Eight fake devices on 2 cores
-# made a DINO demo pretraining 3.5x slower (546 s vs 158 s) for the same numbers up to rounding
-# (BatchNorm statistics and negatives are global); set XLA_FLAGS to choose another count.
+# made a DINO demo pretraining 3.5x slower (546 s vs 158 s) for the same computation up to
+# rounding (BatchNorm statistics and negatives are global; over 600 steps the rounding still
+# moves the final top-1 by a few images); set XLA_FLAGS to choose another count.
 
 METHODS = ("simclr", "micle")  # compared arms
 REFERENCES = ("random", "stage1")  # context rows (linear eval only)

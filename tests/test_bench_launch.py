@@ -151,24 +151,40 @@ def test_fit_halves_the_batch_until_the_step_fits(monkeypatch, tmp_path):
 def test_gpu_script_runs_the_paper_suite_at_a_small_batch(tmp_path):
     """benchmarks/gpu.sh in smoke mode (32 px, batch 8, one step, on CPU): SimCLR and MICLe
     steps of R50-1x, R50-4x and R152-2x in bfloat16 (what an accelerator runs at 224 px), and
-    the input pipeline on the real X-rays when ../shared has them."""
+    the input pipeline on the real X-rays when ../shared has them. Run in two calls, as a device
+    session cut short would: the second keeps the first's rows and runs only the others."""
     env = dict(
         os.environ,
         GPU_SH_SMOKE="1",
         NIH=str(ROOT.parent / "shared/data/nih_cxr_1000"),
         # One CPU device: 8 fake devices would hold 8 replicas of R50-4x's state (> 24 GiB).
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        STAMP="20261205",
     )
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks/gpu.sh"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (suite,) = tmp_path.glob("gpu_*_paper_suite_*.json")
+
+    def gpu_sh(**extra):
+        proc = subprocess.run(
+            ["bash", str(ROOT / "benchmarks/gpu.sh"), str(tmp_path)],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    gpu_sh(ROWS="micle:r50_1x simclr:r50_1x")
+    (suite,) = tmp_path.glob("gpu_*_paper_suite_20261205.json")
+    first = json.loads(suite.read_text())["results"]
+    assert [(r["label"], r["variant"]) for r in first] == [
+        ("simclr", "r50_1x_sk0"),
+        ("micle", "r50_1x_sk0"),
+    ]
+    proc = gpu_sh()
+    assert "== simclr r50_1x: in" in proc.stderr and "== micle r50_1x: in" in proc.stderr
+    assert "== simclr r152_2x\n" in proc.stderr
     rs = json.loads(suite.read_text())["results"]
+    assert rs[0] == first[0] and rs[3] == first[1]  # kept as they were, not rerun
     got = [(r["label"], r["variant"], r["image_size"], r["dtype"]) for r in rs]
     models = ("r50_1x_sk0", "r50_4x_sk0", "r152_2x_sk0")
     assert got == [(m, v, 32, "bfloat16") for m in ("simclr", "micle") for v in models]
