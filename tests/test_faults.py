@@ -217,6 +217,12 @@ def test_nonfinite_checkpoint_is_never_resumed_and_foreign_one_is_an_error(tmp_p
         _checkpointer(tmp_path).restore_newest_usable(other)
 
 
+# Sometimes (2 of the last 4 CI runs), after the failed write, a callback still in flight posts
+# to the asyncio loop Orbax has already closed: "Exception ignored in: None ... Event loop is
+# closed", from native code with no Python frame of ours (the checkpoint library's writer
+# threads). A library race after an I/O error; the assertions below are what this project
+# promises (a clear error, the previous checkpoint intact).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("async_save", [False, True])
 def test_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(
     tmp_path, async_save
