@@ -45,6 +45,10 @@ def metric_from_predictions(pred: Predictions, name: str, rows: np.ndarray | Non
     Multiclass: top1, balanced_accuracy, auc_mean (one-vs-rest over classes with both label
     values), auc/<class>, kappa_quadratic. Multilabel: auc_mean and auc/<class> over each
     class's valid (masked) entries, accuracy at probability 0.5. NaN where undefined.
+
+    The means (auc_mean, balanced_accuracy) are over the classes defined on ALL rows of
+    `pred`, as the point estimate is. A resample (`rows`) that lacks one of them is NaN,
+    not a mean over fewer classes: that would be a different, usually easier, quantity.
     """
     if not supports(name):
         raise ValueError(f"no bootstrap for metric {name!r}; supported: {CI_METRICS}, auc/<c>")
@@ -74,6 +78,9 @@ def metric_from_predictions(pred: Predictions, name: str, rows: np.ndarray | Non
         if name == "top1":
             return float(np.mean(top == labels))
         if name == "balanced_accuracy":
+            present = np.bincount(labels.astype(np.int64), minlength=k) > 0
+            if rows is not None and not np.array_equal(present, _classes_present(pred)):
+                return float("nan")
             return metrics.balanced_accuracy(top, labels, k)
         if name == "kappa_quadratic":
             return metrics.cohen_kappa_quadratic(top, labels, k)
@@ -83,8 +90,30 @@ def metric_from_predictions(pred: Predictions, name: str, rows: np.ndarray | Non
 
     if name.startswith("auc/"):
         return auc(classes.index(name[4:]))
-    values = [a for a in (auc(c) for c in range(k)) if np.isfinite(a)]
-    return float(np.mean(values)) if values else float("nan")
+    values = np.array([auc(c) for c in range(k)])
+    defined = np.isfinite(values)
+    if rows is not None and np.any(defined != _auc_defined(pred)):
+        return float("nan")
+    return float(np.mean(values[defined])) if defined.any() else float("nan")
+
+
+def _classes_present(pred: Predictions) -> np.ndarray:
+    """bool [K]: multi-class classes with at least one valid row in the whole prediction."""
+    labels = pred.labels[pred.label_mask].astype(np.int64)
+    return np.bincount(labels, minlength=len(pred.class_names)) > 0
+
+
+def _auc_defined(pred: Predictions) -> np.ndarray:
+    """bool [K]: classes whose one-vs-rest AUC is defined (both label values among valid
+    rows) on the whole prediction: the classes auc_mean averages over."""
+    k = len(pred.class_names)
+    if pred.multilabel:
+        pos = np.array([(pred.labels[pred.label_mask[:, c], c] > 0.5).sum() for c in range(k)])
+        n = pred.label_mask.sum(axis=0)
+    else:
+        labels = pred.labels[pred.label_mask].astype(np.int64)
+        pos, n = np.bincount(labels, minlength=k), np.full(k, labels.size)
+    return (pos > 0) & (pos < n)
 
 
 def patient_counts(num_patients: int, num_replicates: int, seed: int) -> np.ndarray:

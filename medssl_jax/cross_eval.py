@@ -126,7 +126,8 @@ def to_training_space(
     """External labels -> (labels, mask) over the training classes, only mapped ones valid.
 
     Multi-label: labels [N, K_ext], masks [N, K_ext] -> float [N, K], mask [N, K].
-    Multi-class: labels [N] -> int [N] (-1 where the class is not mapped), mask bool [N].
+    Multi-class: labels [N] -> int [N] (-1 where the class is not mapped or the image has no
+    label, -1), mask bool [N].
     """
     if labels.ndim == 2:
         out = np.zeros((labels.shape[0], num_classes), np.float32)
@@ -140,5 +141,8 @@ def to_training_space(
     for t, x in target.pairs:
         if x < lookup.size:
             lookup[x] = t
-    out = lookup[labels.astype(np.int64)]
+    labels = labels.astype(np.int64)
+    out = np.full(labels.shape, -1, np.int64)
+    labelled = labels >= 0  # -1: no label (lookup[-1] would be the highest external class)
+    out[labelled] = lookup[labels[labelled]]
     return out, out >= 0

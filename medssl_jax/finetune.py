@@ -212,7 +212,7 @@ def write_predictions(
     logits = pred["local_logits"]
     spec = train_spec or store.spec
     multilabel = spec.label_kind == "multilabel"
-    scores = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)
+    scores = metrics.probabilities(logits, multilabel)  # float64: the AUC of results.json
     labels = store.labels[rows]
     mask = store.label_masks[rows] if multilabel else None
     if target is not None:
@@ -224,7 +224,7 @@ def write_predictions(
         image_ids=[s.decode() for s in store.image_ids[rows]],
         patient_ids=[s.decode() for s in store.patient_ids[cases]],
         labels=labels,
-        scores=np.asarray(scores, np.float64),
+        scores=scores,
         class_names=list(spec.class_names),
         label_mask=mask,
     )

@@ -76,6 +76,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def probabilities(logits: np.ndarray, multilabel: bool) -> np.ndarray:
+    """float64 [N, K] sigmoid (multi-label) or softmax (multi-class) probabilities of logits.
+
+    In float64, so a confident score stays below 1: in float32 every sigmoid of a logit above
+    ~16.6 is exactly 1.0, and a confident error then ties with the confident hits.
+    """
+    logits = np.asarray(logits, np.float64)
+    return _sigmoid(logits) if multilabel else np.exp(_log_softmax(logits))
+
+
 # ----------------------------------------------------------------------------- ROC
 
 

@@ -78,6 +78,52 @@ def test_multilabel_metrics_from_predictions():
         confidence.metric_from_predictions(pred, "top1")
 
 
+def test_replicates_lacking_a_rare_class_are_undefined_not_easier():
+    """A resample without the rare class's patients is NaN for the class means (dropped by
+    the interval), not a mean over the easy classes: the upper bound would jump to 1."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 29 + [1] * 29 + [2] * 2)  # class c: 2 patients, ranked at chance
+    n = labels.size
+    scores = np.full((n, 3), 0.1)
+    scores[np.arange(n), labels] = 0.8  # a and b perfectly separated
+    scores[:, 2] = rng.random(n) * 0.1
+    scores /= scores.sum(1, keepdims=True)  # probabilities, as in a prediction CSV
+    q = np.quantile(scores[labels != 2, 2], [0.4, 0.6])  # class c's rows ranked mid-pack
+    scores[labels == 2] = np.stack([(1 - q) / 2, (1 - q) / 2, q], axis=1)
+    pred = _pred(labels, scores, [f"p{i:02d}" for i in range(n)])
+    patients = sorted(pred.patient_ids)
+    counts = confidence.patient_counts(n, 400, seed=0)
+    lacks_c = counts[:, [patients.index("p58"), patients.index("p59")]].sum(1) == 0
+    assert 0.05 < lacks_c.mean() < 0.5
+    for name in ("auc_mean", "balanced_accuracy"):
+        vals = confidence.replicate_values([pred], name, counts, patients)
+        assert np.isnan(vals[lacks_c]).all() and np.isfinite(vals[~lacks_c]).all()
+        # Each kept replicate equals the metric on the explicitly drawn rows over all 3 classes.
+        b = int(np.flatnonzero(~lacks_c)[0])
+        rows = np.repeat(np.arange(n), counts[b][[patients.index(p) for p in pred.patient_ids]])
+        ref = metrics.softmax_metrics(np.log(scores[rows]), labels[rows])
+        assert vals[b] == pytest.approx(ref[name])
+    _, lo, hi = confidence.bootstrap_ci([pred], "auc_mean", num_replicates=400, seed=0)
+    assert hi < 0.95  # was 1.0: the replicates without class c averaged a and b only
+    # Multi-label: a class whose positives are all in one patient.
+    ml_labels = np.zeros((n, 2))
+    ml_labels[:30, 0] = 1
+    ml_labels[58, 1] = 1
+    ml = Predictions(
+        pred.case_ids,
+        pred.image_ids,
+        pred.patient_ids,
+        False,
+        ml_labels,
+        np.ones((n, 2), bool),
+        rng.random((n, 2)),
+        ("x", "y"),
+    )
+    vals = confidence.replicate_values([ml], "auc_mean", counts, patients)
+    lacks_y = counts[:, patients.index("p58")] == 0
+    assert np.isnan(vals[lacks_y]).all() and np.isfinite(vals[~lacks_y]).all()
+
+
 def test_replicates_equal_explicit_concatenation_of_drawn_patients():
     """Each replicate = the metric on the rows of the drawn patients, concatenated (a patient
     drawn twice contributes its rows twice); two seeds share the same draws."""

@@ -23,10 +23,15 @@ def test_to_training_space_multilabel_and_multiclass():
     np.testing.assert_array_equal(lab, [[1, 0, 0, 1], [0, 0, 0, 0]])
     np.testing.assert_array_equal(mask, [[0, 0, 0, 1], [1, 0, 0, 1]])
     lab, mask = cross_eval.to_training_space(
-        _target([(2, 0), (0, 1)]), np.array([0, 1, 2, 1]), None, 3
+        _target([(2, 0), (0, 1)]), np.array([0, 1, 2, 1, -1]), None, 3
     )
-    np.testing.assert_array_equal(lab, [2, 0, -1, 0])
-    np.testing.assert_array_equal(mask, [True, True, False, True])
+    np.testing.assert_array_equal(lab, [2, 0, -1, 0, -1])  # -1: an image without a label
+    np.testing.assert_array_equal(mask, [True, True, False, True, False])
+    lab, mask = cross_eval.to_training_space(  # the highest external class is mapped
+        _target([(0, 0), (1, 2)]), np.array([0, 2, -1, 1]), None, 4
+    )
+    np.testing.assert_array_equal(lab, [0, 1, -1, -1])
+    np.testing.assert_array_equal(mask, [True, True, False, False])
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,43 @@ def test_checkpoint_saved_on_8_devices_warm_starts_on_1_device(pretrained_dir):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("1 4 ['backbone'")
+
+
+@pytest.mark.parametrize("multilabel", [True, False])
+def test_prediction_csv_scores_rank_as_the_logits_do(tmp_path, multilabel):
+    """Confident logits keep their order in the CSV (float64 probabilities), so the CSV's AUC,
+    which the confidence intervals and ROC plots use, equals results.json's (from logits)."""
+    from medssl_jax import confidence, metrics, predictions
+    from medssl_jax.case_store import CaseStore, DataSpec
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 2
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    margin = np.where(y == 1, rng.uniform(18, 30, n), rng.uniform(-5, 5, n))
+    margin[0] = 24.0  # a confident error among the confident hits
+    logits = np.stack([np.zeros(n), margin], 1).astype(np.float32)  # [N, 2]
+    labels = np.eye(k, dtype=np.float32)[y] if multilabel else y.astype(np.int32)
+    spec = DataSpec("t", "test", "multilabel" if multilabel else "multiclass", k, ("a", "b"), n, n)
+    ids = np.array([f"c{i}".encode() for i in range(n)])
+    store = CaseStore(
+        spec,
+        lambda: [],
+        ids,
+        ids,
+        np.zeros(n, np.int32),
+        np.arange(n),
+        np.arange(n + 1),
+        ids,
+        np.zeros(n, np.int32),
+        labels,
+        np.ones((n, k), np.float32) if multilabel else None,
+    )
+    finetune.write_predictions(
+        tmp_path / "p.csv", dict(local_index=np.arange(n), local_logits=logits), store
+    )
+    pred = predictions.read_predictions_csv(tmp_path / "p.csv")
+    np.testing.assert_array_equal(pred.scores, metrics.probabilities(logits, multilabel))
+    assert (pred.scores[:, 1] < 1).all()  # float32 rounds every sigmoid above ~16.6 to 1.0
+    want = metrics.roc_auc(margin.astype(np.float32), y == 1)  # AUC on the logits
+    assert confidence.metric_from_predictions(pred, "auc/b") == pytest.approx(want, abs=1e-12)
