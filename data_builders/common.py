@@ -291,9 +291,8 @@ def check_unique_image_ids(rows: Sequence[ImageRow], log: ProblemLog) -> list[Im
     for r in rows:
         if r.image_id in first:
             f = first[r.image_id]
-            log.add(
-                r.file, r.row, f"duplicate image id {r.image_id!r} (first at {f.file}, row {f.row})"
-            )
+            at = f.file if f.row is None else f"{f.file}, row {f.row}"
+            log.add(r.file, r.row, f"duplicate image id {r.image_id!r} (first at {at})")
             continue
         first[r.image_id] = r
         kept.append(r)

@@ -4,7 +4,8 @@
 Hounsfield units), then a window (configured per modality, else the file's VOI LUT or window
 centre/width, else the frame's min-max), MONOCHROME1 inversion, and returns each frame (a
 multi-frame file gives several) as uint16 [H, W] spanning 0..65535: 12-16-bit data keep their
-precision. Colour images (ultrasound, secondary capture) become luminance.
+precision. Colour images (ultrasound, secondary capture; RGB, YBR or palette colour) become
+luminance.
 
 `grouping_tags` reads only PatientID and the study / series / instance UIDs (never pixels, never
 names or dates). Nothing here logs tag values; errors name the file and the reason only.
@@ -118,13 +119,20 @@ def read_frames(
         raise DicomError(f"undecodable pixel data ({type(e).__name__}: {why})") from None
     samples = int(ds.get("SamplesPerPixel", 1))
     frames_n = int(ds.get("NumberOfFrames", 1) or 1)
-    if samples == 3:  # colour: luminance (after YBR -> RGB where needed)
-        if str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if samples == 3 or photometric == "PALETTE COLOR":  # colour: luminance
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
+        if photometric == "PALETTE COLOR":  # indices into colour tables, not intensities
+            from pydicom.pixels import apply_color_lut
 
-            arr = convert_color_space(arr, ds.PhotometricInterpretation, "RGB")
+            try:
+                arr = apply_color_lut(arr, ds)
+                bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            except (ValueError, AttributeError, KeyError, IndexError) as e:
+                raise DicomError(f"unusable palette colour tables ({e})") from None
+        # pydicom >= 3 already returns YBR as RGB (converting again skewed every pixel).
         arr = arr.astype(np.float64) @ np.asarray([0.299, 0.587, 0.114])
-        scale = float(2 ** int(ds.get("BitsStored", ds.get("BitsAllocated", 8))) - 1)
+        scale = float(2**bits - 1)
         frames = arr.reshape(frames_n, *arr.shape[-2:]) if frames_n > 1 else arr[None]
         return [_to_uint16(f / scale) for f in frames]
     frames = arr if frames_n > 1 else arr[None]  # [F, H, W]
@@ -137,7 +145,10 @@ def read_frames(
             y = _window(x, *window)
         elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
             fn = str(ds.get("VOILUTFunction") or "LINEAR").upper()
-            y = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
+            width = _first(ds.WindowWidth)
+            if not width > 0:  # PS3.3 C.11.2.1.2: >= 1 (LINEAR), > 0 (the others)
+                raise DicomError(f"the file's WindowWidth must be > 0, got {width}")
+            y = _window(x, _first(ds.WindowCenter), width, fn)
         elif "VOILUTSequence" in ds:
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             y = np.asarray(apply_voi_lut(x, ds, index=0), np.float64) / float(2**bits - 1)

@@ -103,6 +103,60 @@ def test_compressed_and_multiframe_files_decode():
     assert j2k[0].shape == (1024, 256) and j2k[0].max() > j2k[0].min()
 
 
+def test_colour_files_become_luminance_once(tmp_path):
+    """RGB and YBR_FULL files of one image give its luminance (pydicom >= 3 already returns YBR
+    as RGB: converting again skewed every pixel by up to 0.39), and a shipped YBR JPEG too."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    want = u16(rgb.astype(np.float64) @ [0.299, 0.587, 0.114] / 255)
+    make_dicom(tmp_path / "rgb.dcm", rgb, modality="US", photometric="RGB", bits=8)
+    (got,) = dicom_io.read_frames(tmp_path / "rgb.dcm")
+    np.testing.assert_array_equal(got, want)
+    # YBR_FULL (PS3.3 C.7.6.3.1.2), written with NumPy: Y is the luminance itself.
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    ybr = np.stack(
+        [
+            y,
+            128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+            128 + 0.5 * r - 0.418688 * g - 0.081312 * b,
+        ],
+        -1,
+    )
+    make_dicom(
+        tmp_path / "ybr.dcm",
+        np.clip(np.round(ybr), 0, 255).astype(np.uint8),
+        modality="US",
+        photometric="YBR_FULL",
+        bits=8,
+    )
+    (got,) = dicom_io.read_frames(tmp_path / "ybr.dcm")
+    assert np.abs(got.astype(float) - want).max() / 65535 < 3 / 255  # YBR's 8-bit rounding
+    ds = pydicom.dcmread(shipped("SC_rgb_jpeg_dcmtk.dcm"))  # YBR_FULL, baseline JPEG
+    (jpeg,) = dicom_io.read_frames(shipped("SC_rgb_jpeg_dcmtk.dcm"))
+    ref = ds.pixel_array.astype(np.float64) @ [0.299, 0.587, 0.114] / 255  # RGB in pydicom 3
+    assert np.abs(jpeg / 65535 - ref).max() < 1e-4 and jpeg.max() > 60000  # white stays white
+
+
+def test_palette_colour_is_the_luminance_of_the_palette():
+    path = shipped("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    first = int(ds.RedPaletteColorLookupTableDescriptor[1])
+    tables = [  # the palette from the raw tag bytes, independent of pydicom's LUT helper
+        np.frombuffer(
+            getattr(ds, f"{c}PaletteColorLookupTableData"), np.uint16 if bits > 8 else np.uint8
+        ).astype(np.float64)
+        for c in ("Red", "Green", "Blue")
+    ]
+    idx = np.clip(ds.pixel_array.astype(np.int64) - first, 0, len(tables[0]) - 1)
+    lum = sum(w * t[idx] for w, t in zip((0.299, 0.587, 0.114), tables, strict=True)) / (
+        2**bits - 1
+    )
+    (got,) = dicom_io.read_frames(path)
+    np.testing.assert_allclose(got / 65535, lum, atol=1 / 65535)
+
+
 @pytest.mark.parametrize(
     "name, reason",
     [
@@ -240,6 +294,22 @@ def test_builder_names_bad_dicom_and_skips_it_when_asked(tmp_path):
     assert sum(len(c["images"]) for c in _cases(b)) == 8
 
 
+def test_builder_names_an_instance_exported_twice(tmp_path):
+    root = tmp_path / "export"
+    _export(root)
+    (root / "again").mkdir()
+    (root / "again" / "cr.dcm").write_bytes((root / "b" / "cr").read_bytes())  # same SOP UID
+    with pytest.raises(BadInputError, match=r"duplicate image id .*\(first at ") as e:
+        _prepare(root, tmp_path / "d1")
+    assert "again/cr.dcm" in str(e.value) and "b/cr" in str(e.value)  # both files named
+    b = _prepare(root, tmp_path / "d2", skip_bad_rows=True)
+    assert b.info.metadata["num_skipped_rows"] == 3  # one per frame of the copy
+    cases = _cases(b)
+    assert sum(len(c["images"]) for c in cases) == 8  # as without the copy
+    for c in cases:
+        assert len(set(c["image_ids"])) == len(c["image_ids"])
+
+
 def test_dicom_dataset_feeds_the_input_pipeline(tmp_path):
     from medssl_jax import datasets, input_pipeline
 
@@ -253,3 +323,9 @@ def test_dicom_dataset_feeds_the_input_pipeline(tmp_path):
     assert img.shape[-1] == 3 and img.dtype == np.uint8 and img.max() > img.min()
     wide = datasets.decode_float(encoded).numpy()  # 16 bits kept until the crop
     assert wide.dtype == np.float32 and len(np.unique(wide)) > len(np.unique(img))
+
+
+def test_file_window_of_zero_width_is_a_named_error(tmp_path):
+    make_dicom(tmp_path / "w0.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4), window=(8, 0))
+    with pytest.raises(dicom_io.DicomError, match="WindowWidth must be > 0, got 0"):
+        dicom_io.read_frames(tmp_path / "w0.dcm")

@@ -134,6 +134,9 @@ class DicomFolder(case_builder.CaseBuilder):
             tf.get_logger().info("dicom_folder: %d file(s) of other modalities ignored", ignored)
         if not rows and not log.problems:
             raise common.BadInputError(f"dicom_folder: no DICOM image under {root}")
+        # One instance exported twice (PACS exports often are) must not become two "different"
+        # images of a case (a MICLe pair of identical pixels): an error naming both files.
+        rows = common.check_unique_image_ids(rows, log)
         cases = common.group_cases(rows, log)
         log.check("reading the DICOM files")
         h = float(s["heldout_fraction"])
