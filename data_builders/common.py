@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -158,22 +159,15 @@ def read_csv(
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise BadInputError(f"{path}, row 1: duplicate column name(s) {dup}")
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            log.add(path, reader.line_num, f"malformed CSV: {e}")
-            continue
-        line = reader.line_num
+    for line, end, values in csv_records(reader, path, log):
         if not values or all(not v.strip() for v in values) and len(values) <= 1:
             continue  # blank line
         if len(values) != len(header):
             log.add(
                 path,
                 line,
-                f"expected {len(header)} columns ({','.join(header)}), got {len(values)}",
+                f"expected {len(header)} columns ({','.join(header)}), got {len(values)}"
+                + span_note(line, end),
             )
             continue
         rows.append(
@@ -186,6 +180,31 @@ def read_csv(
     return rows
 
 
+def csv_records(
+    reader: Any, path: str | os.PathLike, log: ProblemLog
+) -> Iterator[tuple[int, int, list[str]]]:
+    """(first line, last line, values) of each record `reader` (a csv.reader past the header)
+    yields; a record the csv module rejects is logged at its first line."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            log.add(path, start, f"malformed CSV: {e}")
+            continue
+        yield start, reader.line_num, values
+
+
+def span_note(start: int, end: int) -> str:
+    """For a malformed record over several lines: an unbalanced quote swallowed the lines after
+    it (the csv module reads on to the next quote), so say which rows it took."""
+    if end == start:
+        return ""
+    return f'; this record runs over rows {start}-{end}: an unbalanced quote (") joins them'
+
+
 def parse_int(text: str, *, field: str, missing: int | None = None, minimum: int | None = 0) -> int:
     """Parses an integer ('68', '68.0'); '' -> `missing` if given. ValueError names `field`."""
     if text == "" or text.lower() in ("nan", "unk"):
@@ -196,8 +215,10 @@ def parse_int(text: str, *, field: str, missing: int | None = None, minimum: int
         value = float(text)
     except ValueError:
         raise ValueError(f"field '{field}' is not a number: {text!r}") from None
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise ValueError(f"field '{field}' is not an integer: {text!r}")
+    if abs(value) > 2**31 - 1:  # stored as int32
+        raise ValueError(f"field '{field}' is out of range: {text!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"field '{field}' must be >= {minimum}, got {text!r}")
     return int(value)

@@ -111,9 +111,34 @@ def _ham_unknown_label(manual, csv_path, n):
     return r"unknown value 'melanomaa' in field 'dx' \(valid: 'akiec', 'bcc'"
 
 
+def _ham_age(value, reason):
+    def corrupt(manual, csv_path, n):
+        lines = csv_path.read_text().splitlines()
+        row = lines[n - 1].split(",")
+        row[4] = value
+        lines[n - 1] = ",".join(row)
+        csv_path.write_text("\n".join(lines) + "\n")
+        return reason
+
+    corrupt.__name__ = f"_ham_age_{value}"
+    return corrupt
+
+
+def _ham_unbalanced_quote(manual, csv_path, n):
+    """A stray quote makes the csv module read on to the end of the file as one record: the
+    error is at the row with the quote and says which rows the record swallowed."""
+    lines = csv_path.read_text().splitlines()
+    lines[n - 1] = '"' + lines[n - 1]
+    csv_path.write_text("\n".join(lines) + "\n")
+    return rf"expected 7 columns .*runs over rows {n}-{len(lines)}: an unbalanced quote"
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
+        _ham_age("inf", "field 'age' is not an integer: 'inf'"),
+        _ham_age("3000000000", "field 'age' is out of range: '3000000000'"),
+        _ham_unbalanced_quote,
         _ham_missing,
         _ham_undecodable,
         _ham_truncated,

@@ -241,14 +241,7 @@ def read_data_entry(
     position = {c: sum(widths[: header.index(c)]) for c in _COLUMNS}
     rows: list[common.CsvRow] = []
     names: set[str] = set()
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            log.add(path, reader.line_num, f"malformed CSV: {e}")
-            continue
+    for line, end, values in common.csv_records(reader, path, log):
         if not any(v.strip() for v in values):
             continue  # blank line
         if len(values) > position["Image Index"]:
@@ -258,12 +251,10 @@ def read_data_entry(
             values = values[:-1]  # the trailing comma
         elif len(values) != width or (trailing and last_empty):
             n = len(values) - (1 if last_empty and (trailing or len(values) > width) else 0)
-            log.add(path, reader.line_num, f"expected {width} values, got {n}")
+            log.add(path, line, f"expected {width} values, got {n}" + common.span_note(line, end))
             continue
         rows.append(
-            common.CsvRow(
-                str(path), reader.line_num, {c: values[position[c]].strip() for c in _COLUMNS}
-            )
+            common.CsvRow(str(path), line, {c: values[position[c]].strip() for c in _COLUMNS})
         )
     if not rows and not log.problems:
         raise common.BadInputError(f"{path}: the header is there but no data row follows")
@@ -297,7 +288,10 @@ def parse_age(text: str) -> int:
     if not m:
         raise ValueError(f"field 'Patient Age' is not an age: {text!r}")
     value, unit = int(m.group(1)), m.group(2).upper()
-    return {"": value, "Y": value, "M": value // 12, "D": value // 365}[unit]
+    years = {"": value, "Y": value, "M": value // 12, "D": value // 365}[unit]
+    if years > 999:  # the 2017 file has a few data errors of 148-414 years, kept as they are
+        raise ValueError(f"field 'Patient Age' is out of range: {text!r}")
+    return years
 
 
 def parse_row(
