@@ -153,12 +153,42 @@ def make_builder(
     return builder
 
 
+SOURCE_FILE = "medssl_source.json"  # in a prepared dataset's folder: the manual_dir it came from
+
+
+class DatasetSourceError(ValueError):
+    """The prepared dataset came from another manual_dir than the one the config names."""
+
+
+def _resolved(manual_dir: str) -> str:
+    m = os.path.expanduser(str(manual_dir))
+    return m if "://" in m else os.path.abspath(m)
+
+
+def _check_source(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
+    """A prepared dataset is reused only for the manual_dir it was prepared from: otherwise a
+    run with new source files would silently train on the old ones."""
+    record = paths.path(str(builder.data_dir)) / SOURCE_FILE
+    if manual_dir is None or not record.exists():  # (prepared before this record existed)
+        return
+    prepared_from = json.loads(record.read_text())["manual_dir"]
+    if prepared_from != _resolved(manual_dir):
+        raise DatasetSourceError(
+            f"config.data.manual_dir: dataset {builder.name!r} in {builder.data_dir} was "
+            f"prepared from {prepared_from}, not {_resolved(manual_dir)}. Use another "
+            f"config.data.data_dir for the new files, or delete {builder.data_dir} (only the "
+            "prepared copy) to prepare it anew"
+        )
+
+
 def prepare(
     builder: tfds.core.DatasetBuilder, manual_dir: str | None = None, data_dir: str | None = None
 ) -> None:
     """Generates the dataset if needed (offline; manual data must be in `manual_dir`, default
-    `<data_dir>/downloads/manual`, as in TFDS)."""
+    `<data_dir>/downloads/manual`, as in TFDS), and records the manual_dir it came from; a
+    prepared dataset asked for with another manual_dir is a DatasetSourceError."""
     if builder.is_prepared():  # (meta missing: prepared elsewhere, e.g. by `tfds build`)
+        _check_source(builder, manual_dir)
         _write_missing_meta(builder)
         return
     instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
@@ -175,6 +205,9 @@ def prepare(
         compute_stats=tfds.download.ComputeStatsMode.SKIP,
     )
     builder.download_and_prepare(download_config=config)
+    if instructions:
+        record = paths.path(str(builder.data_dir)) / SOURCE_FILE
+        record.write_text(json.dumps({"manual_dir": _resolved(manual_dir)}))
     _write_missing_meta(builder)
 
 

@@ -12,7 +12,7 @@ from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax import config_lib, dvme, finetune, methods, paths, pretrain
 from medssl_jax.case_store import StaleIndexError
 from medssl_jax.config_lib import SUPERVISED, ConfigError
-from medssl_jax.datasets import DatasetFormatError
+from medssl_jax.datasets import DatasetFormatError, DatasetSourceError
 from medssl_jax.loop import DivergenceError
 
 # What a user can cause and fix (bad config, data, paths, checkpoints; a diverged run): main.py
@@ -23,6 +23,7 @@ USER_ERRORS = (
     ckpt_lib.CheckpointError,
     DivergenceError,
     DatasetFormatError,
+    DatasetSourceError,
     StaleIndexError,
     FileNotFoundError,
     NotADirectoryError,

@@ -322,3 +322,21 @@ def test_image_folder_bad_files(tmp_path):
         for i in ex["image_ids"]
     }
     assert "patient2/study0/img1.jpeg" not in ids and "patient2/study0/img0.jpg" in ids
+
+
+def test_prepared_dataset_is_not_reused_for_another_manual_dir(tmp_path):
+    """Pointing config.data.manual_dir at new files with the same data_dir must not silently
+    train on the dataset prepared from the old ones."""
+    from medssl_jax import datasets
+
+    a = copy_dummy("derm_csv", tmp_path / "a")
+    b = copy_dummy("derm_csv", tmp_path / "b")
+    data_dir = str(tmp_path / "data")
+    store, _ = datasets.load("derm_csv", "train", data_dir=data_dir, manual_dir=str(a))
+    again, _ = datasets.load("derm_csv", "train", data_dir=data_dir, manual_dir=str(a) + "/")
+    assert again.num_cases == store.num_cases  # the same source (spelled differently) reuses it
+    datasets.load("derm_csv", "train", data_dir=data_dir)  # no manual_dir given: reuses it
+    with pytest.raises(datasets.DatasetSourceError) as e:
+        datasets.load("derm_csv", "train", data_dir=data_dir, manual_dir=str(b))
+    msg = str(e.value)
+    assert msg.startswith("config.data.manual_dir: ") and str(a) in msg and str(b) in msg
