@@ -137,6 +137,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(float(wd_end) >= 0, "optim.weight_decay_end", "must be >= 0")
     for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(int(config[f]) > 0, f, f"must be > 0, got {config[f]}")
+    if config.method in SUPERVISED + ("dvme",):
+        every = config.get("eval_every_steps", 1)
+        _require(int(every) > 0, "eval_every_steps", f"must be > 0, got {every}")
     policy = config.get("nan_policy", "stop")
     _require(policy in NAN_POLICIES, "nan_policy", f"{policy!r} not in {NAN_POLICIES}")
     _require(int(config.get("nan_max_skips", 1)) >= 1, "nan_max_skips", "must be >= 1")
@@ -196,6 +199,7 @@ def _validate_converted(config: ml_collections.ConfigDict, path: str) -> None:
 
     info = read_info(path)
     if info is None:
+        _validate_run_model(config, path)
         return
     src = f"init_checkpoint {path!r} (converted from {info.get('format')})"
     _require(
@@ -224,6 +228,26 @@ def _validate_converted(config: ml_collections.ConfigDict, path: str) -> None:
                     f"{field}={info[field]}: set --config.model.{field}={info[field]} or leave "
                     "the head out (--config.init_parts=backbone, ft_proj_selector=0)",
                 )
+
+
+def _validate_run_model(config: ml_collections.ConfigDict, path: str) -> None:
+    """A run's workdir records its config: a warm start must keep the fields that change what
+    its network computes from the same weights (input normalisation, stem)."""
+    from medssl_jax import checkpoint
+
+    try:
+        meta, _ = checkpoint.load_meta(path)
+    except (FileNotFoundError, ValueError):  # not a run's workdir: the warm start says why
+        return
+    saved = (meta.get("config") or {}).get("model") or {}
+    for field, default in (("input_norm", "none"), ("torch_maxpool", False), ("cifar_stem", False)):
+        want, have = saved.get(field, default), config.model.get(field, default)
+        _require(
+            have == want,
+            f"model.{field}",
+            f"{have!r}, but init_checkpoint {path!r} was trained with {want!r}: set "
+            f"--config.model.{field}={want}",
+        )
 
 
 def model_from_config(config: ml_collections.ConfigDict, *, num_classes: int, **overrides: Any):

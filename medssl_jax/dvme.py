@@ -403,12 +403,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         after_step=after_step,
     )
     params, batch_stats, chosen = state.params, state.batch_stats, summary["step"]
-    if best is not None and best.step is not None:
+    stopped = finetune.stopped_early(summary)
+    if not stopped and best is not None and best.step is not None:
         params, batch_stats = best.restore(state)
         chosen = best.step
     split_results, preds, attention = {}, {}, {}
     names = [e.name for e in encoders]
-    for split in eval_stores:
+    for split in [] if stopped else eval_stores:
         pred = trainer.predict(params, batch_stats, split)
         split_results[split] = finetune.split_metrics(pred, eval_stores[split].spec, graded=graded)
         attention[split] = [float(v) for v in pred["encoder_weights"].mean(0)]
@@ -436,6 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "splits": split_results,
         "predictions": preds,
         "train": summary,
+        "stop_reason": summary["stop_reason"],
         "selected_on": val_split or "last step",
         "selection_metric": selection if val_split else "",
         "dvme": {

@@ -198,6 +198,20 @@ def selection_metric(config: ml_collections.ConfigDict, label_kind: str) -> str:
     return name
 
 
+def stopped_early(summary: dict) -> bool:
+    """Whether training stopped before its end (SIGTERM, stop_after_steps). Then nothing is
+    evaluated: the checkpoint is saved, the launcher's grace period (SLURM: 120 s) is short,
+    and a partly trained model's metrics are not results; the rerun resumes and evaluates."""
+    if summary["stop_reason"] == "completed":
+        return False
+    logging.info(
+        "Stopped (%s) at step %d: evaluation waits for the resumed run's end",
+        summary["stop_reason"],
+        summary["step"],
+    )
+    return True
+
+
 def write_predictions(
     path: paths.PathLike,
     pred: dict,
@@ -355,11 +369,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         after_step=after_step,
     )
     params, batch_stats, chosen = state.params, state.batch_stats, summary["step"]
-    if best is not None and best.step is not None:
+    stopped = stopped_early(summary)
+    if not stopped and best is not None and best.step is not None:
         params, batch_stats = best.restore(state)
         chosen = best.step
     split_results, predictions = {}, {}
-    for split in eval_splits:
+    for split in [] if stopped else eval_splits:
         m, pred = evaluate(split, params, batch_stats)
         split_results[split] = m
         name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
@@ -367,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pcount == 1:
             predictions[split] = name
         logging.info("%s: %s", split, {k: round(v, 4) for k, v in m.items() if "/" not in k})
-    for t in targets:  # other datasets, through the label mapping (no further tuning)
+    for t in [] if stopped else targets:  # other datasets, through the label mapping
         pred = predict(
             eval_step, params, batch_stats, t.store, mesh, local_batch=local_batch, image_size=size
         )
@@ -408,6 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "splits": split_results,
         "predictions": predictions,
         "train": summary,
+        "stop_reason": summary["stop_reason"],
         "selected_on": val_split or "last step",
         "selection_metric": selection if val_split else "",
         "eval_datasets": {t.result_split: t.describe() for t in targets},

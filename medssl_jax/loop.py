@@ -90,7 +90,11 @@ def fit(
     )
     start_step = 0
     found = checkpointer.restore_newest_usable(restore_abstract)
+    # What the earlier pieces of a resumed run logged (saved with each checkpoint), so the
+    # summary spans the whole run, also when a rerun finds it already at total_steps.
+    carried: dict[str, Any] = {}
     if found is not None:
+        carried = dict((found[1] or {}).get("summary") or {})
         state = found[0]
         start_step = int(jax.device_get(state.step))
         logging.info("Resumed from checkpoint at step %d in %s", start_step, checkpointer.directory)
@@ -114,7 +118,11 @@ def fit(
     log_every = max(1, int(config.log_every_steps))
     history: list[Mapping[str, jax.Array]] = []
     summary: dict[str, Any] = {"resumed_from_step": start_step, "stop_reason": "completed"}
-    last: dict[str, float] = {}
+    for key in ("first_metrics", "collapse_warnings", "skipped_steps"):
+        if key in carried:
+            summary[key] = carried[key]
+    last: dict[str, float] = dict(carried.get("final_metrics") or {})
+    seconds_before = float(carried.get("train_seconds", 0.0))
     images_per_step = global_batch_size * images_per_example
     batches = make_batches(start_step)
     t_log, steps_in_window = time.time(), 0
@@ -184,7 +192,11 @@ def fit(
                     prev_metrics = None  # checked
                     if not ckpt_lib.all_finite(state):  # the loss can be finite a step too long
                         _diverged(f"the train state became non-finite by step {step}", checkpointer)
-                    meta.update(step=step, epoch=epoch_of_step(step) if epoch_of_step else None)
+                    meta.update(
+                        step=step,
+                        epoch=epoch_of_step(step) if epoch_of_step else None,
+                        summary=_carried_summary(summary, last, t_start - seconds_before),
+                    )
                     checkpointer.save(step, state, meta, force=stop or step == total_steps)
                 if stop:
                     summary["stop_reason"] = "preempted" if preempted else "stop_after_steps"
@@ -206,11 +218,19 @@ def fit(
     summary.update(
         step=step,
         final_metrics=last,
-        train_seconds=time.time() - t_start,
+        train_seconds=seconds_before + time.time() - t_start,  # all pieces of the run
         first_step_seconds=compile_time,
         checkpoint_dir=str(checkpointer.directory),
     )
     return state, summary
+
+
+def _carried_summary(summary: dict, last: dict, since: float) -> dict[str, Any]:
+    """The part of the summary a resumed run continues (JSON, in the checkpoint's meta);
+    `since` is this piece's start minus the earlier pieces' seconds."""
+    keys = ("first_metrics", "collapse_warnings", "skipped_steps")
+    keep = {k: summary[k] for k in keys if k in summary}
+    return dict(keep, final_metrics=dict(last), train_seconds=time.time() - since)
 
 
 def _check_finite(

@@ -101,6 +101,11 @@ def _check_weights(config: ml_collections.ConfigDict) -> None:
         )
 
 
+# Model fields that change what a warm-started network computes (input normalisation, stem):
+# every stage takes them from config.pretrain, so the later ones meet the weights they load.
+SHARED_MODEL_FIELDS = ("input_norm", "torch_maxpool", "cifar_stem")
+
+
 def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
     """Every stage's config: the first (config.pretrain, named by its method), one per arm (the
     micle config, its overrides applied, warm-started from the first stage), 'finetune' and,
@@ -125,13 +130,18 @@ def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
         for key, value in config.data.items():
             if value not in ("", None):
                 c.data[key] = value
+        for key in SHARED_MODEL_FIELDS:  # what the first stage's network computes, every stage
+            if key in config.pretrain.model:
+                c.model[key] = config.pretrain.model[key]
         config_lib.normalize_lists(c)
         if name in config.arms and config.arms_from_pretrain:
             c.init_checkpoint = stage_dir(root, first, None)  # per seed: see run_pipeline
         out[name] = c
-    for name, c in out.items():  # the arms' warm start exists only after the first stage
-        if name not in config.arms or not config.arms_from_pretrain:
-            config_lib.validate(c)
+    for name, c in out.items():
+        if name in config.arms and config.arms_from_pretrain:
+            c = copy.deepcopy(c)  # its warm start exists only after the first stage
+            c.init_checkpoint = ""
+        config_lib.validate(c)  # every stage before the first one runs
     return out
 
 

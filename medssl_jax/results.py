@@ -114,7 +114,7 @@ def validate_results(obj: object, source: str | os.PathLike) -> ResultsJson:
         or len(set(names)) != len(names)
     ):
         raise ResultsError(f"{source}: field 'class_names' must be unique non-empty strings")
-    if not obj["splits"]:
+    if not obj["splits"] and stop_reason(obj) == "completed":  # (a stopped run evaluates none)
         raise ResultsError(f"{source}: field 'splits' is empty")
     for split, values in obj["splits"].items():
         if not isinstance(values, dict):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import checkpoint, config_lib, finetune, sharding, train
+from medssl_jax import checkpoint, config_lib, finetune, results, sharding, train
 from tests.utils import ROOT  # (also puts configs/ on sys.path)
 
 
@@ -99,7 +99,15 @@ def test_end_to_end_linear_eval_from_checkpoint(tmp_path, pretrained_dir, tfds_d
     c = _config("linear_eval", init_checkpoint=pretrained_dir, init_name="simclr")
     c.data.data_dir = tfds_data_dir
     c.data.label_fraction = 0.5
-    res = train.train_and_evaluate(c, str(tmp_path))
+    # Stopped early (as on SIGTERM): checkpoint and results.json, but nothing evaluated (the
+    # launcher's grace period is short, and a partly trained model's metrics are not results).
+    c.stop_after_steps = 2
+    stopped = train.train_and_evaluate(c, str(tmp_path))
+    assert stopped["stop_reason"] == "stop_after_steps" and stopped["splits"] == {}
+    assert not list(tmp_path.glob("predictions_*.csv")) and not results.finished(tmp_path)
+    c.stop_after_steps = 0
+    res = train.train_and_evaluate(c, str(tmp_path))  # resumes at step 2, then evaluates
+    assert res["train"]["resumed_from_step"] == 2 and res["stop_reason"] == "completed"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["init"] == "simclr" and saved["label_fraction"] == 0.5
     assert set(saved["splits"]) == {"validation", "test_shifted"}
@@ -155,6 +163,24 @@ def test_warm_start_rejects_mismatched_architecture(tmp_path, pretrained_dir):
     state = built.init(jax.random.key(0))
     with pytest.raises(checkpoint.CheckpointError, match=r"init_checkpoint .*bn1.*shape \(8,\)"):
         checkpoint.warm_start(state, pretrained_dir, ("backbone",))
+
+
+@pytest.mark.parametrize(
+    "field, value", [("input_norm", "imagenet"), ("torch_maxpool", True), ("cifar_stem", True)]
+)
+def test_warm_start_from_a_run_keeps_its_input_norm_and_stem(pretrained_dir, field, value):
+    """Same weights, different computation: named before anything is compiled."""
+    c = _config("linear_eval", init_checkpoint=pretrained_dir)
+    config_lib.validate(c)  # as the run was trained
+    c.model[field] = value
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.model\.{field}: {value!r}, but"):
+        config_lib.validate(c)
+
+
+def test_eval_every_steps_must_be_positive():
+    c = _config("finetune", eval_every_steps=0)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.eval_every_steps: must be > 0"):
+        config_lib.validate(c)
 
 
 def test_unlabeled_dataset_cannot_be_finetuned():

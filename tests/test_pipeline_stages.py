@@ -53,12 +53,23 @@ def test_arms_are_micle_configs_with_their_overrides(tmp_path):
         ("sampler.distinct_prob=2", "sampler.distinct_prob"),
     ],
 )
-def test_bad_arm_overrides_name_the_arm_and_field(tmp_path, spec, match):
+@pytest.mark.parametrize("from_pretrain", [True, False])
+def test_bad_arm_overrides_name_the_arm_and_field(tmp_path, spec, match, from_pretrain):
     c = _config()
-    c.arms_from_pretrain = False  # the arms are validated up front when they start cold
+    c.arms_from_pretrain = from_pretrain  # up front, even when its warm start comes later
     c.arms.bad = spec
     with pytest.raises(ValueError, match=match):
         pipeline.stage_configs(c, str(tmp_path))
+
+
+def test_every_stage_keeps_the_first_stages_input_norm_and_stem(tmp_path):
+    """A first stage from converted torch weights (ImageNet-normalised input, torchvision's
+    max-pool padding): the arms and fine-tuning warm-start from it, so they compute the same."""
+    c = _config()
+    c.pretrain.model.input_norm, c.pretrain.model.torch_maxpool = "imagenet", True
+    cfgs = pipeline.stage_configs(c, str(tmp_path))
+    for name, stage in cfgs.items():
+        assert stage.model.input_norm == "imagenet" and stage.model.torch_maxpool, name
 
 
 def test_reserved_arm_name(tmp_path):

@@ -237,3 +237,14 @@ def test_resume_is_bit_exact(tmp_path, tfds_data_dir, method):
     assert full["final_metrics"]["loss"] == second["final_metrics"]["loss"]
     results = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert results["resumed_from_step"] == 3 and results["method"] == method
+    # The summary spans both pieces: the first log window was in the first one.
+    assert second["first_metrics"]["step"] == full["first_metrics"]["step"] < 3
+    assert second["first_metrics"]["loss"] == full["first_metrics"]["loss"]
+    assert second["train_seconds"] > first["train_seconds"]
+    # Killed after the final checkpoint, before results.json: the rerun restores at step 6,
+    # trains nothing, and still reports the run's metrics.
+    (tmp_path / "resumed" / "results.json").unlink()
+    third = train.train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert third["resumed_from_step"] == 6 and third["stop_reason"] == "completed"
+    assert third["final_metrics"] == second["final_metrics"]
+    assert third["first_metrics"] == second["first_metrics"]
