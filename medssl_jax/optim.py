@@ -47,9 +47,14 @@ def _path_names(path: tuple[Any, ...]) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
+# Decayed leaves: conv/dense kernels, and the ViT's class token and position embeddings
+# (DINO decays every parameter but biases and 1-D ones; its cls_token and pos_embed are 3-D).
+DECAYED = ("kernel", "cls_token", "pos_embed")
+
+
 def decay_mask(params: Any) -> Any:
-    """True for kernels (conv/dense weights): BN scale/bias and dense biases are excluded."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] == "kernel", params)
+    """True for kernels (and ViT tokens): BN / LayerNorm scale and bias, biases are excluded."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] in DECAYED, params)
 
 
 def trust_ratio_mask(params: Any) -> Any:
@@ -57,7 +62,7 @@ def trust_ratio_mask(params: Any) -> Any:
 
     def f(path, _):
         names = _path_names(path)
-        return names[-1] == "kernel" and "supervised_head" not in names
+        return names[-1] in DECAYED and "supervised_head" not in names
 
     return jax.tree_util.tree_map_with_path(f, params)
 

@@ -130,15 +130,17 @@ def test_training_input_path_pairs_images_and_keeps_patients_unique(store, confi
     assert any(len(set(b["patient_key"].tolist())) < 16 for b in plain)
 
 
-def test_mask_option_only_removes_same_patient_negatives():
-    """same_patient='mask' changes the loss exactly when a batch holds two rows of one patient;
-    with unique patients it equals plain NT-Xent."""
+@pytest.mark.parametrize("config_name", ["micle", "hybrid"])
+def test_mask_option_only_removes_same_patient_negatives(config_name):
+    """same_patient='mask' changes the (contrastive) loss exactly when a batch holds two rows
+    of one patient; with unique patients it equals plain NT-Xent. Hybrid's NT-Xent term too."""
     batch = synthetic_pretrain_batch(0, 16, 32, 5)
     mesh = sharding.make_mesh()
     out = {}
     for name, keys in (("dup", batch["patient_key"]), ("unique", np.arange(16, dtype=np.int32))):
         for mode in ("exclude", "mask"):
-            config = tiny_pretrain_config("micle")
+            config = tiny_pretrain_config(config_name)
+            config.sampler.multi_instance = True
             config.sampler.same_patient = mode
             built = pretrain.build(
                 config, mesh, num_classes=5, label_kind="multiclass", total_steps=4, warmup_steps=1

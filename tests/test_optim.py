@@ -53,3 +53,23 @@ def test_dino_vit_variants_apply_the_whole_recipe(variant):
     c.optim.name = "lars"
     with pytest.raises(config_lib.ConfigError, match="optim.weight_decay_end"):
         config_lib.validate(c)
+
+
+def test_decay_mask_follows_dinos_rule_on_a_vit():
+    """DINO's get_params_groups: no decay for biases and 1-D parameters (norms), decay for the
+    rest, the class token and position embeddings included."""
+    import tests.utils  # noqa: F401 (puts configs/ on the path)
+    from medssl_jax import config_lib
+    from medssl_jax.models.stats import abstract_variables
+
+    c = __import__("dino").get_config("demo,vit_tiny")
+    params = abstract_variables(config_lib.model_from_config(c, num_classes=0), 32)["params"]
+    mask = optim.decay_mask(params)
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    decayed = dict(jax.tree_util.tree_leaves_with_path(mask))
+    for path, leaf in flat:
+        name = optim._path_names(path)[-1]
+        dino = not (name == "bias" or len(leaf.shape) == 1)
+        assert decayed[path] == dino, (jax.tree_util.keystr(path), leaf.shape)
+    names = {optim._path_names(p)[-1] for p, _ in flat}
+    assert {"cls_token", "pos_embed", "kernel", "scale", "bias"} <= names

@@ -177,10 +177,21 @@ def test_impossible_configs_fail_fast_naming_the_field(tmp_path):
             "swav.queue_length": {"swav.queue_length": 20},  # not a multiple of the batch
             "swav.epsilon": {"swav.epsilon": 0.0},
             "crops.local_area": {"crops.local_area": (0.3, 0.1)},
+            "optim.name": {  # adam's coupled decay would move the frozen prototypes
+                "optim.name": "adam",
+                "optim.weight_decay": 1e-6,
+                "swav.freeze_prototypes_epochs": 1.0,
+            },
         },
         "dino": {
             "dino.teacher_temp": {"dino.teacher_temp": -1.0},
             "model.num_proj_layers": {"model.num_proj_layers": 2},
+            "optim.name": {
+                "optim.name": "adam",
+                "optim.weight_decay": 0.04,
+                "optim.weight_decay_end": None,
+                "dino.freeze_last_layer_epochs": 1.0,
+            },
         },
         "hybrid": {"hybrid.supervised_weight": {"hybrid.supervised_weight": -1.0}},
     }

@@ -152,6 +152,20 @@ def validate_crops(config: ml_collections.ConfigDict, require: Callable) -> None
         require(int(c.local_size) >= 16, "crops.local_size", f"must be >= 16, got {c.local_size}")
 
 
+def validate_freeze(config: ml_collections.ConfigDict, require: Callable, what: str) -> None:
+    """A frozen head (SwAV's prototypes, DINO's last layer) gets zero gradients early on. Adam's
+    weight decay is added to the gradient it then normalises, so the frozen weights would still
+    move by about the learning rate per step; adamw, lars and sgd only rescale them uniformly,
+    which the head's normalisation cancels."""
+    wd = float(config.optim.get("weight_decay", 0.0))
+    require(
+        not (config.optim.name == "adam" and wd > 0),
+        "optim.name",
+        f"'adam' with weight_decay={wd} moves the frozen {what}: use adamw or lars, or "
+        "optim.weight_decay=0",
+    )
+
+
 def apply_model(model: Any, params: Any, batch_stats: Any, x: jax.Array) -> tuple[dict, Any]:
     """Training-mode forward; returns (outputs, new batch_stats)."""
     out, mutated = model.apply(

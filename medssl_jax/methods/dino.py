@@ -155,6 +155,8 @@ class DINO(base.Method):
             "DINO's head is its own (config.dino); set num_proj_layers=0",
         )
         base.validate_crops(config, require)
+        if float(d.freeze_last_layer_epochs) > 0:
+            base.validate_freeze(config, require, "last layer (dino.freeze_last_layer_epochs)")
 
     def views(self, config) -> base.Views:
         return base.crops_from_config(config)

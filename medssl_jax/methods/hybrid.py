@@ -59,6 +59,8 @@ class Hybrid(base.Method):
             float(h.temperature),
         )
         supervised = mu > 0 and label_kind != "none" and num_classes > 0
+        # Same-patient cases in the batch are not negatives (the sampler lets them in on 'mask').
+        mask = bool(config.sampler.multi_instance) and config.sampler.same_patient == "mask"
         core = SwAVCore(
             config,
             num_classes=num_classes if supervised else 0,
@@ -69,7 +71,8 @@ class Hybrid(base.Method):
         def loss_fn(params, batch_stats, extra, batch, rng, step):
             outs, batch_stats, scores, z = core.forward(params, batch_stats, batch)
             clustering, metrics = core.loss_and_metrics(params, extra, scores, z, step)
-            contrastive, c_metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature)
+            keys = batch["patient_key"] if mask else None  # [B]
+            contrastive, c_metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature, keys)
             metrics.update(c_metrics, contrastive_loss=contrastive)
             sup = 0.0
             if supervised:

@@ -106,6 +106,8 @@ def validate_swav(config, require) -> None:
     require(int(s.sinkhorn_iterations) >= 1, "swav.sinkhorn_iterations", "must be >= 1")
     require(float(s.temperature) > 0, "swav.temperature", "must be > 0")
     require(float(s.freeze_prototypes_epochs) >= 0, "swav.freeze_prototypes_epochs", "must be >= 0")
+    if float(s.freeze_prototypes_epochs) > 0:
+        base.validate_freeze(config, require, "prototypes (swav.freeze_prototypes_epochs)")
     q, b = int(s.queue_length), int(config.batch_size)
     require(
         q == 0 or (q > 0 and q % b == 0),
