@@ -79,7 +79,7 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     # DISTINCT images of one case (MICLe, Azizi et al.), for any method; epochs count cases.
     c.sampler = ml_collections.ConfigDict()
     c.sampler.multi_instance = False
-    # 'exclude': no global batch holds two cases of one patient (REFERENCE.md, MICLe);
+    # 'exclude': no global batch holds two cases of one patient (Azizi et al. 2021, MICLe);
     # 'mask': allow them but drop same-patient pairs from NT-Xent's negatives (for datasets whose
     # cases are much smaller than patients); 'allow': plain batches. Multi-instance only.
     c.sampler.same_patient = "exclude"
@@ -148,7 +148,7 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
 
 
 def chexpert(c: ml_collections.ConfigDict) -> None:
-    """Azizi et al. CheXpert pretraining recipe (REFERENCE.md; batch/lr/steps unverified)."""
+    """Azizi et al. CheXpert pretraining recipe (Azizi et al. 2021; batch/lr/steps unverified)."""
     c.data.name = "chexpert"
     c.data.options.uncertainty = "u_ones"
     c.data.options.conditions = "competition"
@@ -157,7 +157,7 @@ def chexpert(c: ml_collections.ConfigDict) -> None:
     c.augment.color_strength = 0.5
     c.augment.blur = False
     c.augment.rotation_degrees = 45.0
-    c.batch_size = 1024  # unverified (REFERENCE.md)
+    c.batch_size = 1024  # unverified
     c.optim.base_learning_rate = 0.5  # unverified
     c.num_steps = 100_000  # "up to 100k steps" (unverified)
     c.loss.temperature = 0.1  # paper grid {0.1, 0.5, 1.0}
@@ -224,7 +224,7 @@ def supervised_config(method: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.vit_n_last_blocks = 4  # DINO's linear-eval protocol for ViT-S/16 (1536-d)
     c.augment = ml_collections.ConfigDict()
-    c.augment.crop = True  # fine-tune augmentations: crop + flip (REFERENCE.md)
+    c.augment.crop = True  # fine-tune augmentations: crop + flip (Azizi et al. 2021)
     c.augment.flip = True
     c.augment.rotation_degrees = 0.0
     c.augment.color_strength = 0.0

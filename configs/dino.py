@@ -55,6 +55,7 @@ def _vit(c, variant):
     c.dino.teacher_temp = 0.07
     c.dino.warmup_teacher_temp_epochs = 30.0
     c.dino.norm_last_layer = False
+    c.dino.use_bn_in_head = False  # DINO's default, and its ViT releases' (r50() sets True)
     c.model.dtype = "float32"
 
 

@@ -45,13 +45,13 @@ import common  # noqa: E402
 def get_config(arg: str | None = None):
     c = common.pretrain_config("simclr")
     common.micle(c)
-    # Dermatology recipe (REFERENCE.md). Unverified choices, documented:
+    # Dermatology recipe (Azizi et al. 2021). Unverified choices, documented:
     c.data.name = "ham10000"  # public stand-in for the paper's private derm set (case = lesion)
     c.data.image_size = 448  # unverified: derm pretraining resolution
     c.batch_size = 512  # unverified
     c.optim.base_learning_rate = 0.3  # unverified; linear scaling -> 0.6 peak at B=512
     c.num_steps = 150_000  # unverified "up to 150k steps"
     c.loss.temperature = 0.1  # SimCLR default; not reported for MICLe (unverified)
-    c.augment.recipe = "simclr"  # standard SimCLR augmentations for derm (REFERENCE.md)
+    c.augment.recipe = "simclr"  # standard SimCLR augmentations for derm (Azizi et al. 2021)
     common.apply_args(c, arg, {"demo": common.demo, "chexpert": common.chexpert})
     return c

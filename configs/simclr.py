@@ -6,7 +6,7 @@ Launch (single host, any number of devices):
       --config.data.manual_dir=/data/CheXpert-v1.0-small
 Variants (comma-separated, applied in order):
   r50_1x | r50_4x | r152_2x | r152_3x_sk1 | tiny   architecture (released SimCLR names)
-  derm      dermatology recipe (standard SimCLR augmentations, 448 px; REFERENCE.md, unverified)
+  derm      dermatology recipe (SimCLR augmentations, 448 px; Azizi et al. 2021, unverified)
   chexpert  Azizi CheXpert recipe: no blur, colour strength 0.5, rotation up to 45 degrees
   demo      tiny ResNet on the built-in synthetic demo data (minutes on a laptop CPU)
 Any field can be overridden: --config.batch_size=512 --config.loss.temperature=0.5

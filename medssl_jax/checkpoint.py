@@ -277,6 +277,14 @@ def _checkpoint_dir(path: str) -> tuple[ocp.CheckpointManager, int]:
     )
 
 
+def latest_step(path: str) -> int:
+    """The newest step saved under `path` (a run workdir, its checkpoints/ or a step folder);
+    FileNotFoundError naming the path when it holds none (e.g. a typo'd run folder)."""
+    mngr, step = _checkpoint_dir(path)
+    mngr.close()
+    return step
+
+
 def load_variables(path: str) -> tuple[dict, dict, int]:
     """(params, batch_stats, step) of the latest checkpoint at `path`, as host NumPy trees.
 

@@ -77,10 +77,10 @@ def set_field(config: ml_collections.ConfigDict, key: str, text: str, where: str
     node = config
     for part in parents:
         if part not in node:
-            raise ValueError(f"{where}{key!r}: no field {part!r}")
+            raise ConfigError(f"{where}{key!r}: no field {part!r}")
         node = node[part]
     if last not in node:
-        raise ValueError(f"{where}{key!r}: no field {last!r}")
+        raise ConfigError(f"{where}{key!r}: no field {last!r}")
     node[last] = parse_value(node[last], text)
 
 

@@ -27,11 +27,13 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: a stage was preempted; rerun the same command 
 
 def parse_overrides(spec: str, field: str) -> list[tuple[str, str]]:
     """'sampler.distinct_prob=0.5;sampler.epoch_over=images' -> [(key, value), ...] ('' -> [])."""
+    from medssl_jax.config_lib import ConfigError
+
     out = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"config.{field}: {part!r} is not KEY=VALUE (separate them by ';')")
+            raise ConfigError(f"config.{field}: {part!r} is not KEY=VALUE (separate them by ';')")
         out.append((key.strip(), value.strip()))
     return out
 
@@ -88,14 +90,15 @@ def _check_weights(config: ml_collections.ConfigDict) -> None:
     w = config.get("weights")
     if not w or not w.get("source"):
         return
+    from medssl_jax.config_lib import ConfigError
     from medssl_jax.convert.__main__ import FORMATS
 
     if not paths.path(w.source).exists():
-        raise ValueError(f"config.weights.source: {w.source!r} does not exist")
+        raise ConfigError(f"config.weights.source: {w.source!r} does not exist")
     if w.format not in FORMATS:
-        raise ValueError(f"config.weights.format: {w.format!r} not in {sorted(FORMATS)}")
+        raise ConfigError(f"config.weights.format: {w.format!r} not in {sorted(FORMATS)}")
     if config.pretrain.get("init_checkpoint"):
-        raise ValueError(
+        raise ConfigError(
             "config.weights.source and config.pretrain.init_checkpoint: give one start for the "
             "first stage, not both"
         )
@@ -120,7 +123,7 @@ def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
         bases["linear"] = config.linear
     for arm, spec in config.arms.items():
         if arm in (first, "scratch", "finetune", "linear", "report"):
-            raise ValueError(f"config.arms: {arm!r} is a reserved stage name")
+            raise config_lib.ConfigError(f"config.arms: {arm!r} is a reserved stage name")
         c = copy.deepcopy(config.micle)
         _apply(c, parse_overrides(spec, f"arms.{arm}"), f"arms.{arm}")
         bases[arm] = c

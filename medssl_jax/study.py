@@ -97,14 +97,15 @@ def main(argv):
     from medssl_jax.train import quiet_libraries
 
     quiet_libraries()
-    inits = parse_inits(FLAGS.init, FLAGS.seeds)
-    inits.pop("scratch", None)
-    if not inits:
-        raise app.UsageError("give at least one --init=NAME:CHECKPOINT")
     from medssl_jax.pipeline import EXIT_STOPPED
     from medssl_jax.results import StageStopped
+    from medssl_jax.train import USER_ERRORS
 
     try:
+        inits = parse_inits(FLAGS.init, FLAGS.seeds)
+        inits.pop("scratch", None)
+        if not inits:
+            raise app.UsageError("give at least one --init=NAME:CHECKPOINT")
         run_study(
             FLAGS.task,
             FLAGS.workdir,
@@ -117,6 +118,8 @@ def main(argv):
     except StageStopped as e:
         print(f"stopped: {e}")
         raise SystemExit(EXIT_STOPPED) from None
+    except (*USER_ERRORS, ValueError) as e:  # the user's to fix: one line, as main.py
+        raise SystemExit(f"error: {e}") from None
     for p in report.build_report([FLAGS.workdir], FLAGS.workdir, bootstrap=FLAGS.bootstrap):
         print(p)
 

@@ -56,9 +56,13 @@ def parse_inits(specs: list[str], seeds: list | None = None) -> dict[str, str]:
         name, _, path = spec.partition(":")
         if not name:
             raise ValueError(f"--init {spec!r}: expected NAME or NAME:PATH")
-        for p in {path.replace("{seed}", str(s)) for s in (seeds or [0])} if path else ():
-            if not paths.path(p).exists():
-                raise FileNotFoundError(f"--init {spec!r}: {p!r} does not exist")
+        for p in sorted({path.replace("{seed}", str(s)) for s in (seeds or [0])} if path else ()):
+            try:  # a run folder without a checkpoint fails here, not hours into the sweep
+                from medssl_jax import checkpoint
+
+                checkpoint.latest_step(p)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"--init {spec!r}: {e}") from None
         if not path and name != "scratch":
             raise ValueError(f"--init {spec!r}: only 'scratch' may omit the checkpoint path")
         inits[name] = path
@@ -129,15 +133,18 @@ def main(argv):
     quiet_libraries()
     from medssl_jax.pipeline import EXIT_STOPPED
     from medssl_jax.results import StageStopped
+    from medssl_jax.train import USER_ERRORS
 
-    inits = parse_inits(FLAGS.init, FLAGS.seeds)
     try:
+        inits = parse_inits(FLAGS.init, FLAGS.seeds)
         run_sweep(
             FLAGS.config, FLAGS.workdir, FLAGS.fractions, FLAGS.seeds, inits, FLAGS.dvme_probes
         )
     except StageStopped as e:
         print(f"stopped: {e}")
         raise SystemExit(EXIT_STOPPED) from None
+    except (*USER_ERRORS, ValueError) as e:  # the user's to fix: one line, as main.py
+        raise SystemExit(f"error: {e}") from None
     if FLAGS.report:
         from medssl_jax import report
 

@@ -49,6 +49,7 @@ def test_dino_vit_variants_apply_the_whole_recipe(variant):
     assert c.model.variant == variant.split(",")[-1]
     assert c.optim.name == "adamw" and c.optim.weight_decay_end == 0.4
     assert c.dino.teacher_temp == 0.07 and not c.dino.norm_last_layer
+    assert not c.dino.use_bn_in_head  # the ResNet recipe's head BN is not the ViT's
     config_lib.validate(c)
     c.optim.name = "lars"
     with pytest.raises(config_lib.ConfigError, match="optim.weight_decay_end"):

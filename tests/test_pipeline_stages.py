@@ -58,7 +58,9 @@ def test_bad_arm_overrides_name_the_arm_and_field(tmp_path, spec, match, from_pr
     c = _config()
     c.arms_from_pretrain = from_pretrain  # up front, even when its warm start comes later
     c.arms.bad = spec
-    with pytest.raises(ValueError, match=match):
+    from medssl_jax.config_lib import ConfigError  # main() prints it as one error: line
+
+    with pytest.raises(ConfigError, match=match):
         pipeline.stage_configs(c, str(tmp_path))
 
 

@@ -251,7 +251,6 @@ def test_resume_is_bit_exact(tmp_path, tfds_data_dir, method):
     # The summary spans both pieces: the first log window was in the first one.
     assert second["first_metrics"]["step"] == full["first_metrics"]["step"] < 3
     assert second["first_metrics"]["loss"] == full["first_metrics"]["loss"]
-    assert second["train_seconds"] > first["train_seconds"]
     # Killed after the final checkpoint, before results.json: the rerun restores at step 6,
     # trains nothing, and still reports the run's metrics.
     (tmp_path / "resumed" / "results.json").unlink()

@@ -8,13 +8,26 @@ from medssl_jax import sweep, train
 from tests.utils import ROOT  # noqa: F401  (configs/ on sys.path)
 
 
+def _fake_run(path) -> None:
+    """A run folder holding one (tiny) checkpoint, as parse_inits requires."""
+    import numpy as np
+
+    from medssl_jax import checkpoint
+
+    ck = checkpoint.Checkpointer(str(path), every_steps=1, keep=1, async_save=False)
+    assert ck.save(2, {"params": {"w": np.ones(3, np.float32)}}, {"step": 2})
+    ck.close()
+
+
 def test_parse_inits_checks_paths(tmp_path):
-    assert sweep.parse_inits(["scratch", f"micle:{tmp_path}"]) == {
-        "scratch": "",
-        "micle": str(tmp_path),
-    }
+    run = tmp_path / "run"
+    _fake_run(run)
+    assert sweep.parse_inits(["scratch", f"micle:{run}"]) == {"scratch": "", "micle": str(run)}
     with pytest.raises(FileNotFoundError, match="missing"):
         sweep.parse_inits([f"simclr:{tmp_path / 'missing'}"])
+    (tmp_path / "empty").mkdir()  # e.g. a typo'd run folder: caught before any run starts
+    with pytest.raises(FileNotFoundError, match=r"--init 'simclr:.*empty'.*no checkpoint found"):
+        sweep.parse_inits([f"simclr:{tmp_path / 'empty'}"])
     with pytest.raises(ValueError, match="only 'scratch'"):
         sweep.parse_inits(["simclr"])
 
@@ -127,7 +140,7 @@ def test_seed_placeholder_pairs_pretraining_and_finetuning_runs(tmp_path, monkey
     import finetune
 
     for s in (0, 1):
-        (tmp_path / f"micle_s{s}").mkdir()
+        _fake_run(tmp_path / f"micle_s{s}")
     spec = f"micle:{tmp_path}/micle_s{{seed}}"
     inits = sweep.parse_inits([spec], ["0", "1"])
     with pytest.raises(FileNotFoundError, match="micle_s2' does not exist"):
@@ -153,3 +166,17 @@ def test_study_tasks_exist_for_every_protocol(protocol, task):
     config_lib.validate(c)
     if task == "dr":
         assert c.graded and c.selection_metric == "kappa_quadratic"
+
+
+@pytest.mark.parametrize("module", ["sweep", "study"])
+def test_cli_reports_a_user_mistake_in_one_line(tmp_path, module):
+    import subprocess
+    import sys
+
+    config = ["--config=configs/finetune.py:demo"] if module == "sweep" else ["--task=demo"]
+    cmd = [sys.executable, "-m", f"medssl_jax.{module}", *config, f"--workdir={tmp_path}"]
+    out = subprocess.run(
+        [*cmd, "--init=micle:/nonexistent_run"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "error: --init 'micle:/nonexistent_run': " in out.stderr
