@@ -16,16 +16,10 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with config mistakes (unknown field, bad value) as one line, not a trace."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-        sys.exit(
-            f"error: {text}\nUsage: python main.py --config=configs/<file>.py[:variants] "
-            "--workdir=DIR [--config.<field>=<value> ...]"
-        )
+_USAGE = (
+    "python main.py --config=configs/<file>.py[:variants] --workdir=DIR "
+    "[--config.<field>=<value> ...]"
+)
 
 
 MULTIHOST_MODES = ("tpu", "slurm")
@@ -129,4 +123,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from medssl_jax import cli
+
+    app.run(main, flags_parser=cli.config_flags_parser(_USAGE))

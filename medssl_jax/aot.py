@@ -479,4 +479,11 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    from medssl_jax import cli
+
+    app.run(
+        main,
+        flags_parser=cli.config_flags_parser(
+            "python -m medssl_jax.aot --config=configs/<file>.py[:variants] ..."
+        ),
+    )

@@ -228,4 +228,11 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "configs/pipeline.py[:variant].")
     flags.DEFINE_string("workdir", None, "Pipeline root directory.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    from medssl_jax import cli
+
+    app.run(
+        main,
+        flags_parser=cli.config_flags_parser(
+            "python -m medssl_jax.pipeline --config=configs/pipeline.py[:variant] --workdir=DIR"
+        ),
+    )

@@ -4,9 +4,10 @@ r"""Prepare a config's dataset(s) ahead of training and print what is in them.
       --config.data.manual_dir=/data/chexpert [--json=prepared.json]
 
 Builds (first use only) every split the config reads: data.split, val_split, eval_splits and
-the eval_datasets' splits, then prints per split: cases, images, patients, multi-image cases
-(MICLe bags), images per case, class balance (multi-class: count and share per class;
-multi-label: positives per class among valid labels) and the time it took. Errors in the data
+the eval_datasets' splits (a pipeline config: those of every stage), then prints per split:
+cases, images, patients, multi-image cases (MICLe bags), images per case, class balance
+(multi-class: count and share per class; multi-label: positives per class among valid
+labels) and the time it took. Errors in the data
 (bad rows, missing files) surface here, before any training.
 """
 
@@ -88,16 +89,37 @@ def _splits(config) -> list[tuple[dict, str, str]]:
 
 
 def prepare(config) -> list[dict[str, Any]]:
-    """Loads (building on first use) every split the config reads; returns their summaries."""
+    """Loads (building on first use) every split the config reads; returns their summaries.
+    A pipeline config (configs/pipeline.py): every split of every stage, each once."""
+    from medssl_jax import config_lib
+
+    if "pretrain" in config and "finetune" in config:
+        from medssl_jax import pipeline
+
+        stages = list(pipeline.stage_configs(config, "").values())
+    else:
+        config_lib.normalize_lists(config)
+        stages = [config]
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for stage in stages:
+        rows += _prepare_one(stage, seen)
+    return rows
+
+
+def _prepare_one(config, seen: set[tuple]) -> list[dict[str, Any]]:
     from medssl_jax import config_lib, datasets, input_pipeline
 
-    config_lib.normalize_lists(config)
     try:  # first the training split: it prepares the dataset, whose splits may be listed next
         input_pipeline.load_store(dict(config.data), config.data.split)
     except datasets.UnknownSplitError as e:
         raise config_lib.ConfigError(f"config.data.split: {e}") from None
     rows = []
     for data, split, why in _splits(config):
+        key = (data["name"], json.dumps(data.get("options") or {}, sort_keys=True), split)
+        if key in seen:
+            continue
+        seen.add(key)
         t0 = time.time()
         try:
             store = input_pipeline.load_store(data, split)
@@ -148,4 +170,11 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Any stage's config file (:variants).")
     flags.DEFINE_string("json", None, "Also write the summaries here as JSON.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from medssl_jax import cli
+
+    app.run(
+        main,
+        flags_parser=cli.config_flags_parser(
+            "python -m medssl_jax.prepare --config=configs/<file>.py[:variants]"
+        ),
+    )

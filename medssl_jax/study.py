@@ -127,4 +127,11 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["task", "workdir"])
-    app.run(main)
+    from medssl_jax import cli
+
+    app.run(
+        main,
+        flags_parser=cli.config_flags_parser(
+            "python -m medssl_jax.study --task=TASK --workdir=DIR --init=NAME:RUN ..."
+        ),
+    )

@@ -155,4 +155,12 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    from medssl_jax import cli
+
+    app.run(
+        main,
+        flags_parser=cli.config_flags_parser(
+            "python -m medssl_jax.sweep --config=configs/<file>.py[:variants] --workdir=DIR "
+            "--init=NAME[:RUN] ..."
+        ),
+    )

@@ -390,6 +390,11 @@ def test_main_reports_user_errors_in_one_line(tmp_path, derm_manual, tfds_data_d
     derm = [ft, "--config.data.name=derm_csv", f"--config.data.manual_dir={derm_manual}"]
     # An unknown field, named with its likely meaning.
     _assert_clean_error(_main(ft, f"--workdir={tmp_path}/a", "--config.batchsize=3"), "batch_size")
+    # A config file that is not there, and a variant the file does not have.
+    missing = _main("--config=configs/nonexist.py:demo", f"--workdir={tmp_path}/a")
+    _assert_clean_error(missing, "No such file or directory: 'configs/nonexist.py")
+    bogus = _main("--config=configs/finetune.py:bogus", f"--workdir={tmp_path}/a")
+    _assert_clean_error(bogus, "unknown config variant 'bogus'; valid: [")
     # A workdir that is a file.
     (tmp_path / "file").write_text("x")
     _assert_clean_error(_main(ft, f"--workdir={tmp_path}/file"), "not a directory")

@@ -246,3 +246,16 @@ def test_weights_stage_converts_once_and_the_first_stage_starts_from_it(tmp_path
     with pytest.raises(ValueError, match="config.weights.source: .*nope.pth' does not exist"):
         pipeline.run_pipeline(c, str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_pipeline_cli_reports_a_bad_arm_in_one_line(tmp_path):
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "medssl_jax.pipeline", "--config=configs/pipeline.py:demo",
+         f"--workdir={tmp_path}", "--config.arms.micle=sampler.bogus=1"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "error: config.arms.micle: 'sampler.bogus': no field 'bogus'" in out.stderr
+    assert not list(tmp_path.iterdir())  # before any stage

@@ -37,3 +37,17 @@ def test_prepare_summarises_every_split_the_config_reads(tfds_data_dir):
     c.eval_splits = ("nope",)
     with pytest.raises(config_lib.ConfigError, match="config.eval_splits: .*nope"):
         prepare.prepare(c)
+
+
+def test_prepare_a_pipeline_config_reads_every_stages_splits_once(tfds_data_dir):
+    import sys
+
+    from tests.utils import ROOT
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    c = __import__("pipeline").get_config("demo")
+    c.data.data_dir = tfds_data_dir
+    rows = prepare.prepare(c)
+    keys = [(r["dataset"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys))  # each split once, whichever stages read it
+    assert {s for _, s in keys} >= {"train", "validation", "test", "test_shifted"}
