@@ -409,7 +409,10 @@ def main(argv: list[str]) -> None:
     configs = FLAGS.configs or list(PAPER_CONFIGS)
     slices = FLAGS.slices or list(PAPER_SLICES)
     if FLAGS.table:  # the Markdown table of an earlier (possibly interrupted) --all
-        with open(FLAGS.json or "benchmarks/results/aot_plan.json") as f:
+        path = FLAGS.json or "benchmarks/results/aot_plan.json"
+        if not os.path.exists(path):
+            raise SystemExit(f"error: --table: {path} not found (give --json=PLAN.json)")
+        with open(path) as f:
             print(markdown_table(with_missing(json.load(f)["rows"], configs, slices)))
         return
     if FLAGS.all:
