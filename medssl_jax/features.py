@@ -129,14 +129,18 @@ def extract(
         )
         return feats
     fields = {k: v for k, v in encoder.model.items() if k != "variant"}
-    model = create_model(
+    model = create_model(  # the backbone only: checkpoints' heads differ (DINO has none)
         encoder.model["variant"],
         num_classes=0,
+        num_proj_layers=0,
         vit_n_last_blocks=encoder.vit_n_last_blocks,
         **fields,
     )
     params, batch_stats, _ = ckpt_lib.load_variables(encoder.checkpoint)
-    variables = {"params": params, "batch_stats": batch_stats}
+    variables = {
+        "params": {"backbone": params["backbone"]},
+        "batch_stats": {"backbone": batch_stats.get("backbone", {})},
+    }
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     variables = jax.device_put(variables, repl)
 
