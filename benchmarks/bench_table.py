@@ -45,4 +45,6 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if j == 0:
             print("  ".join("-" * w for w in widths))
     if results:
-        print(f"(images = 2 views x batch; peak memory: {results[0]['peak_memory_source']})")
+        crops = sorted({r.get("images_per_example", 2) for r in results})
+        what = "/".join(str(c) for c in crops)
+        print(f"(images = {what} crops x batch; peak memory: {results[0]['peak_memory_source']})")

@@ -241,8 +241,8 @@ def synthetic_batch(
 
 
 def _flops(stage: Any) -> float:
-    """FLOPs of one device's share of the step from XLA's cost analysis of `stage` (a Lowered
-    or Compiled), 0 where the backend has none."""
+    """FLOPs from XLA's cost analysis of `stage`: a Lowered counts the global step, a Compiled
+    one device's share; 0 where the backend has none."""
     try:
         cost = stage.cost_analysis()
     except Exception:  # not every backend implements it
@@ -324,11 +324,13 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
     # MFU counts the model's FLOPs in the step as traced (the lowered HLO): the compiled GPU
     # program hands convolutions to cuDNN custom calls, which XLA's compiled cost analysis
     # does not count (it reported 0.3% MFU for an R50 step at 16%); on CPU the two agree to 1%.
-    compiled_flops = _flops(compiled)
+    # The lowered HLO is the global step (the whole batch, before SPMD partitioning); the
+    # compiled program is one device's share, so only its count scales with the devices.
+    compiled_flops = _flops(compiled) * len(devices)
     flops = _flops(lowered) or compiled_flops
     del state, batch, compiled, lowered
     peak_flops, peak_source = step_peak(devices[0], len(devices), str(config.model.dtype))
-    achieved = flops * len(devices) / median
+    achieved = flops / median
     return dict(
         method=config.method,
         label=pretrain.method_label(config),  # 'micle' for SimCLR with multi-instance pairs
@@ -355,10 +357,10 @@ def bench_step(config: ml_collections.ConfigDict, args: argparse.Namespace) -> d
         # cpu / cores approximates the step time the host would give with no other load.
         step_cpu_s_median=float(np.median(cpu_times)),
         images_per_s=images_per_s,
+        images_per_example=views.images_per_example,  # crops per example (global + local)
         images_per_s_per_device=images_per_s / len(devices),
-        # XLA cost analysis of the SPMD program counts one device's share: scale to the step.
-        step_gflop=flops * len(devices) / 1e9,
-        compiled_step_gflop=compiled_flops * len(devices) / 1e9,  # as XLA counts it after fusion
+        step_gflop=flops / 1e9,  # the whole step, all devices
+        compiled_step_gflop=compiled_flops / 1e9,  # as XLA counts it after fusion
         achieved_gflop_s=achieved / 1e9,
         # Model FLOPs utilisation: the compiled step's FLOPs per second against the peak of
         # the devices that ran it (peak_source says which figure).

@@ -145,6 +145,11 @@ def test_fit_halves_the_batch_until_the_step_fits(monkeypatch, tmp_path):
     assert r["batch_size"] == 16 and r["batch_tried_and_too_big"] == [64, 32]
     assert r["mfu"] == pytest.approx(r["achieved_gflop_s"] / r["peak_gflop_s"])
     assert 0 < r["mfu"] < 1.5 and "measured" in r["peak_source"]
+    # The step's FLOPs are the whole step's whatever the device count: the traced (global)
+    # count is near the compiled one (per device, times the devices; each device also repeats
+    # the replicated optimiser update, so it is a little higher), not the devices times it.
+    assert r["num_devices"] > 1
+    assert 0.5 < r["step_gflop"] / r["compiled_step_gflop"] < 1.5
 
 
 @pytest.mark.slow
