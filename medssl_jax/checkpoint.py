@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from medssl_jax import paths
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or does not fit this run; the message names it."""
@@ -35,7 +37,7 @@ class CheckpointError(RuntimeError):
 
 def absolute(path: str) -> str:
     """Orbax needs absolute paths: make local ones absolute, leave URLs (gs://...) alone."""
-    return path if "://" in path else os.path.abspath(path)
+    return paths.absolute(path)
 
 
 # Orbax writes array bytes through TensorStore, whose drivers are local files and GCS only.

@@ -78,8 +78,8 @@ def metric_from_predictions(pred: Predictions, name: str, rows: np.ndarray | Non
         if name == "top1":
             return float(np.mean(top == labels))
         if name == "balanced_accuracy":
-            present = np.bincount(labels.astype(np.int64), minlength=k) > 0
-            if rows is not None and not np.array_equal(present, _classes_present(pred)):
+            whole = pred.labels[pred.label_mask]
+            if rows is not None and not np.array_equal(_present(labels, k), _present(whole, k)):
                 return float("nan")
             return metrics.balanced_accuracy(top, labels, k)
         if name == "kappa_quadratic":
@@ -97,10 +97,9 @@ def metric_from_predictions(pred: Predictions, name: str, rows: np.ndarray | Non
     return float(np.mean(values[defined])) if defined.any() else float("nan")
 
 
-def _classes_present(pred: Predictions) -> np.ndarray:
-    """bool [K]: multi-class classes with at least one valid row in the whole prediction."""
-    labels = pred.labels[pred.label_mask].astype(np.int64)
-    return np.bincount(labels, minlength=len(pred.class_names)) > 0
+def _present(labels: np.ndarray, k: int) -> np.ndarray:
+    """bool [K]: the classes among integer `labels`."""
+    return np.bincount(labels.astype(np.int64), minlength=k) > 0
 
 
 def _auc_defined(pred: Predictions) -> np.ndarray:

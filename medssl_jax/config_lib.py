@@ -190,6 +190,11 @@ def _validate_sampler(sampler: ml_collections.ConfigDict, require) -> None:
             )
 
 
+# Model fields that change what the same weights compute (input normalisation, stem), with
+# their defaults: a warm start must keep the source's, and every pipeline stage the first's.
+WARM_START_FIELDS = {"input_norm": "none", "torch_maxpool": False, "cifar_stem": False}
+
+
 def _validate_converted(config: ml_collections.ConfigDict, path: str) -> None:
     """A converted release (converted.json) must meet a model that computes what its source
     network did: same variant, input normalisation, max-pool padding and, when its projection
@@ -207,9 +212,8 @@ def _validate_converted(config: ml_collections.ConfigDict, path: str) -> None:
         "model.variant",
         f"{config.model.variant!r}, but {src} holds {info['variant']!r}",
     )
-    for field in ("input_norm", "torch_maxpool"):
-        want = info.get(field, "none" if field == "input_norm" else False)
-        have = config.model.get(field, "none" if field == "input_norm" else False)
+    for field, default in WARM_START_FIELDS.items():
+        want, have = info.get(field, default), config.model.get(field, default)
         _require(
             have == want,
             f"model.{field}",
@@ -240,7 +244,7 @@ def _validate_run_model(config: ml_collections.ConfigDict, path: str) -> None:
     except (FileNotFoundError, ValueError):  # not a run's workdir: the warm start says why
         return
     saved = (meta.get("config") or {}).get("model") or {}
-    for field, default in (("input_norm", "none"), ("torch_maxpool", False), ("cifar_stem", False)):
+    for field, default in WARM_START_FIELDS.items():
         want, have = saved.get(field, default), config.model.get(field, default)
         _require(
             have == want,

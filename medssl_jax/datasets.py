@@ -161,8 +161,7 @@ class DatasetSourceError(ValueError):
 
 
 def _resolved(manual_dir: str) -> str:
-    m = os.path.expanduser(str(manual_dir))
-    return m if "://" in m else os.path.abspath(m)
+    return paths.absolute(os.path.expanduser(str(manual_dir)))
 
 
 def _check_source(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:

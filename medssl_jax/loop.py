@@ -52,6 +52,10 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+# Summary entries a resumed run continues from its checkpoint's meta (see `_carried_summary`).
+CARRIED = ("first_metrics", "collapse_warnings", "skipped_steps")
+
+
 def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
     host = jax.device_get(history)
     return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
@@ -118,7 +122,7 @@ def fit(
     log_every = max(1, int(config.log_every_steps))
     history: list[Mapping[str, jax.Array]] = []
     summary: dict[str, Any] = {"resumed_from_step": start_step, "stop_reason": "completed"}
-    for key in ("first_metrics", "collapse_warnings", "skipped_steps"):
+    for key in CARRIED:
         if key in carried:
             summary[key] = carried[key]
     last: dict[str, float] = dict(carried.get("final_metrics") or {})
@@ -228,8 +232,7 @@ def fit(
 def _carried_summary(summary: dict, last: dict, since: float) -> dict[str, Any]:
     """The part of the summary a resumed run continues (JSON, in the checkpoint's meta);
     `since` is this piece's start minus the earlier pieces' seconds."""
-    keys = ("first_metrics", "collapse_warnings", "skipped_steps")
-    keep = {k: summary[k] for k in keys if k in summary}
+    keep = {k: summary[k] for k in CARRIED if k in summary}
     return dict(keep, final_metrics=dict(last), train_seconds=time.time() - since)
 
 

@@ -80,6 +80,11 @@ def path(p: PathLike) -> epath.Path:
     return epath.Path(p)
 
 
+def absolute(p: str) -> str:
+    """Local paths made absolute; URLs (gs://...) left alone."""
+    return p if "://" in p else os.path.abspath(p)
+
+
 def is_remote(p: PathLike) -> bool:
     """Whether `p` names a non-local filesystem (gs://, ram://, ...)."""
     return "://" in os.fspath(p)

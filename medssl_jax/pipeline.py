@@ -104,11 +104,6 @@ def _check_weights(config: ml_collections.ConfigDict) -> None:
         )
 
 
-# Model fields that change what a warm-started network computes (input normalisation, stem):
-# every stage takes them from config.pretrain, so the later ones meet the weights they load.
-SHARED_MODEL_FIELDS = ("input_norm", "torch_maxpool", "cifar_stem")
-
-
 def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
     """Every stage's config: the first (config.pretrain, named by its method), one per arm (the
     micle config, its overrides applied, warm-started from the first stage), 'finetune' and,
@@ -133,7 +128,7 @@ def stage_configs(config: ml_collections.ConfigDict, root: str) -> dict:
         for key, value in config.data.items():
             if value not in ("", None):
                 c.data[key] = value
-        for key in SHARED_MODEL_FIELDS:  # what the first stage's network computes, every stage
+        for key in config_lib.WARM_START_FIELDS:  # later stages load the first stage's weights
             if key in config.pretrain.model:
                 c.model[key] = config.pretrain.model[key]
         config_lib.normalize_lists(c)

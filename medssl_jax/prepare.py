@@ -7,8 +7,8 @@ Builds (first use only) every split the config reads: data.split, val_split, eva
 the eval_datasets' splits (a pipeline config: those of every stage), then prints per split:
 cases, images, patients, multi-image cases (MICLe bags), images per case, class balance
 (multi-class: count and share per class; multi-label: positives per class among valid
-labels) and the time it took. Errors in the data
-(bad rows, missing files) surface here, before any training.
+labels) and the time it took. Errors in the data (bad rows, missing files) surface here,
+before any training.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def split_summary(store) -> dict[str, Any]:
     return out
 
 
-def _splits(config) -> list[tuple[dict, str, str]]:
-    """(data config, split, what reads it) for every split the config reads, in order."""
+def _splits(config, seen: set[tuple]) -> list[tuple[dict, str, str]]:
+    """(data config, split, what reads it) for every split the config reads, in order, but
+    those in `seen` (dataset, options, split), which it extends."""
     data = dict(config.data)
     wanted = [(data, config.data.split, "data.split")]
     if config.get("val_split"):
@@ -79,7 +80,7 @@ def _splits(config) -> list[tuple[dict, str, str]]:
         }
         splits = [e.splits] if isinstance(e.splits, str) else list(e.splits)
         wanted += [(ext, s, f"eval_datasets.{entry}") for s in splits]
-    seen, out = set(), []
+    out = []
     for d, s, why in wanted:
         key = (d["name"], json.dumps(d.get("options") or {}, sort_keys=True), s)
         if key not in seen:
@@ -115,11 +116,7 @@ def _prepare_one(config, seen: set[tuple]) -> list[dict[str, Any]]:
     except datasets.UnknownSplitError as e:
         raise config_lib.ConfigError(f"config.data.split: {e}") from None
     rows = []
-    for data, split, why in _splits(config):
-        key = (data["name"], json.dumps(data.get("options") or {}, sort_keys=True), split)
-        if key in seen:
-            continue
-        seen.add(key)
+    for data, split, why in _splits(config, seen):
         t0 = time.time()
         try:
             store = input_pipeline.load_store(data, split)

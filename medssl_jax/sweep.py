@@ -51,6 +51,8 @@ def parse_inits(specs: list[str], seeds: list | None = None) -> dict[str, str]:
     A path may contain '{seed}' (one pretraining run per seed: fine-tuning seed s starts from
     pretraining run s); it must exist for every one of `seeds`.
     """
+    from medssl_jax import checkpoint
+
     inits = {}
     for spec in specs:
         name, _, path = spec.partition(":")
@@ -58,8 +60,6 @@ def parse_inits(specs: list[str], seeds: list | None = None) -> dict[str, str]:
             raise ValueError(f"--init {spec!r}: expected NAME or NAME:PATH")
         for p in sorted({path.replace("{seed}", str(s)) for s in (seeds or [0])} if path else ()):
             try:  # a run folder without a checkpoint fails here, not hours into the sweep
-                from medssl_jax import checkpoint
-
                 checkpoint.latest_step(p)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"--init {spec!r}: {e}") from None
