@@ -43,25 +43,27 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> 
     )
 
 
-def _path_names(path: tuple[Any, ...]) -> list[str]:
+def path_names(path: tuple[Any, ...]) -> list[str]:
+    """The names along a pytree key path (dict keys, attributes, indices as strings)."""
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-# Decayed leaves: conv/dense kernels, and the ViT's class token and position embeddings
-# (DINO decays every parameter but biases and 1-D ones; its cls_token and pos_embed are 3-D).
-DECAYED = ("kernel", "cls_token", "pos_embed")
+# Decayed leaves: conv/dense kernels, the ViT's class token and position embeddings, and DINO's
+# learned last-layer gain (DINO decays every parameter but biases and 1-D ones; its cls_token and
+# pos_embed are 3-D, and weight_norm's weight_g is [out_dim, 1], our `gain` [out_dim]).
+DECAYED = ("kernel", "cls_token", "pos_embed", "gain")
 
 
 def decay_mask(params: Any) -> Any:
     """True for kernels (and ViT tokens): BN / LayerNorm scale and bias, biases are excluded."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] in DECAYED, params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_names(p)[-1] in DECAYED, params)
 
 
 def trust_ratio_mask(params: Any) -> Any:
     """Like `decay_mask` but also excludes the supervised head (SimCLRv2)."""
 
     def f(path, _):
-        names = _path_names(path)
+        names = path_names(path)
         return names[-1] in DECAYED and "supervised_head" not in names
 
     return jax.tree_util.tree_map_with_path(f, params)

@@ -48,8 +48,7 @@ def make_train_step(parts: methods.Parts, tx, lr_schedule, *, seed: int, blur: b
         (loss, (metrics, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        grads = parts.post_grads(grads, state.step)
-        new = state.apply_gradients(tx, grads, batch_stats)
+        new = state.apply_gradients(tx, grads, batch_stats, frozen=parts.frozen)
         params, extra = parts.post_update(new.params, extra, state.step)
         metrics.update(
             loss=loss,

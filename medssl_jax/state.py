@@ -22,7 +22,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medssl_jax import sharding
+from medssl_jax import optim, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """Parameters held still for the first `steps` steps (SwAV's prototypes, DINO's last
+    layer): each is named by the key-path suffix of its leaf, e.g. ("method_head", "kernel"),
+    which also matches its leaves in the optimiser state (momentum, Adam's moments)."""
+
+    paths: tuple[tuple[str, ...], ...] = ()
+    steps: int = 0
+
+    def matches(self, path: tuple[Any, ...]) -> bool:
+        names = tuple(optim.path_names(path))
+        return any(names[len(names) - len(p) :] == p for p in self.paths)
+
+    def where(self, on: jax.Array, tree: Any, held: Any) -> Any:
+        """`tree` with its frozen leaves taken from `held` (same structure) while `on`."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x, h: jnp.where(on, h, x) if self.matches(path) else x, tree, held
+        )
 
 
 @flax.struct.dataclass
@@ -35,9 +55,20 @@ class TrainState:
     opt_state: Any
     extra: Any = dataclasses.field(default_factory=dict)
 
-    def apply_gradients(self, tx: Any, grads: Any, batch_stats: Any) -> TrainState:
-        """One optimiser update, new BatchNorm statistics, step + 1."""
+    def apply_gradients(
+        self, tx: Any, grads: Any, batch_stats: Any, frozen: Frozen | None = None
+    ) -> TrainState:
+        """One optimiser update, new BatchNorm statistics, step + 1. Leaves `frozen` at this step
+        get a zero gradient, no update (not even weight decay) and keep their optimiser state
+        (moments, momentum), as PyTorch skips a parameter whose grad is None."""
+        hold = frozen is not None and frozen.steps > 0
+        if hold:
+            on = self.step < frozen.steps
+            grads = frozen.where(on, grads, jax.tree.map(jnp.zeros_like, grads))
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        if hold:
+            updates = frozen.where(on, updates, jax.tree.map(jnp.zeros_like, updates))
+            opt_state = frozen.where(on, opt_state, self.opt_state)
         return self.replace(
             step=self.step + 1,
             params=optax.apply_updates(self.params, updates),

@@ -58,19 +58,27 @@ def test_dino_vit_variants_apply_the_whole_recipe(variant):
 
 def test_decay_mask_follows_dinos_rule_on_a_vit():
     """DINO's get_params_groups: no decay for biases and 1-D parameters (norms), decay for the
-    rest, the class token and position embeddings included."""
+    rest, the class token, position embeddings and the head's learned last-layer gain included
+    (torch's weight_norm keeps weight_g as [out_dim, 1]; ours is [out_dim])."""
     import tests.utils  # noqa: F401 (puts configs/ on the path)
-    from medssl_jax import config_lib
+    from medssl_jax import methods
     from medssl_jax.models.stats import abstract_variables
 
     c = __import__("dino").get_config("demo,vit_tiny")
-    params = abstract_variables(config_lib.model_from_config(c, num_classes=0), 32)["params"]
+    c.dino.norm_last_layer = False
+    model = (
+        methods.get("dino")
+        .build(c, num_classes=0, label_kind="none", total_steps=10, steps_per_epoch=1)
+        .model
+    )
+    params = abstract_variables(model, 32)["params"]
     mask = optim.decay_mask(params)
     flat = jax.tree_util.tree_leaves_with_path(params)
     decayed = dict(jax.tree_util.tree_leaves_with_path(mask))
     for path, leaf in flat:
-        name = optim._path_names(path)[-1]
-        dino = not (name == "bias" or len(leaf.shape) == 1)
+        name = optim.path_names(path)[-1]
+        torch_shape = leaf.shape + (1,) if name == "gain" else leaf.shape
+        dino = not (name == "bias" or len(torch_shape) == 1)
         assert decayed[path] == dino, (jax.tree_util.keystr(path), leaf.shape)
-    names = {optim._path_names(p)[-1] for p, _ in flat}
-    assert {"cls_token", "pos_embed", "kernel", "scale", "bias"} <= names
+    names = {optim.path_names(p)[-1] for p, _ in flat}
+    assert {"cls_token", "pos_embed", "kernel", "scale", "bias", "gain"} <= names

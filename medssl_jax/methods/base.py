@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medssl_jax import losses
+from medssl_jax.state import Frozen
 
 # loss(params, batch_stats, extra, batch, rng, step) -> (loss, (metrics, batch_stats, extra))
 LossFn = Callable[..., tuple[jax.Array, tuple[dict, Any, Any]]]
@@ -61,7 +62,8 @@ class Parts:
     loss: pure (params, batch_stats, extra, batch, rng, step) -> (loss, (metrics,
       batch_stats, extra)); `extra` out is the state after this step's statistics
       (queue, centre, teacher BatchNorm statistics), before any parameter-dependent update.
-    post_grads(grads, step) -> grads: e.g. frozen prototypes / DINO last layer early on.
+    frozen: parameters held still early on (SwAV's prototypes, DINO's last layer); the step
+      zeroes their gradients and updates and keeps their optimiser state (state.Frozen).
     post_update(params, extra, step) -> (params, extra): after the optimiser (EMA teacher,
       prototype re-normalisation). `step` is the step just taken (0-based).
     check_collapse(metrics) -> warning or None, on the logged (window-averaged) metrics.
@@ -71,7 +73,7 @@ class Parts:
     loss: LossFn
     init_extra: Callable[[Any, Any], Any] = lambda params, batch_stats: {}
     init_params: Callable[[Any], Any] = lambda params: params
-    post_grads: Callable[[Any, jax.Array], Any] = lambda grads, step: grads
+    frozen: Frozen = Frozen()
     post_update: Callable[[Any, Any, jax.Array], tuple[Any, Any]] = lambda p, e, s: (p, e)
     check_collapse: Callable[[dict], str | None] = lambda metrics: None
 
@@ -150,20 +152,6 @@ def validate_crops(config: ml_collections.ConfigDict, require: Callable) -> None
     require(int(c.num_local) >= 0, "crops.num_local", f"must be >= 0, got {c.num_local}")
     if int(c.num_local) > 0:
         require(int(c.local_size) >= 16, "crops.local_size", f"must be >= 16, got {c.local_size}")
-
-
-def validate_freeze(config: ml_collections.ConfigDict, require: Callable, what: str) -> None:
-    """A frozen head (SwAV's prototypes, DINO's last layer) gets zero gradients early on. Adam's
-    weight decay is added to the gradient it then normalises, so the frozen weights would still
-    move by about the learning rate per step; adamw, lars and sgd only rescale them uniformly,
-    which the head's normalisation cancels."""
-    wd = float(config.optim.get("weight_decay", 0.0))
-    require(
-        not (config.optim.name == "adam" and wd > 0),
-        "optim.name",
-        f"'adam' with weight_decay={wd} moves the frozen {what}: use adamw or lars, or "
-        "optim.weight_decay=0",
-    )
 
 
 def apply_model(model: Any, params: Any, batch_stats: Any, x: jax.Array) -> tuple[dict, Any]:

@@ -9,7 +9,10 @@ Its parameters and statistics live in `TrainState.extra['teacher']`; the teacher
 DINO evaluates, so warm starts from a DINO checkpoint take the teacher's backbone.
 
 Our reading, documented: the temperature warm-up and the last-layer freeze are linear / step
-functions of the (fractional) epoch rather than of integer epochs.
+functions of the (fractional) epoch rather than of integer epochs. While frozen, the last layer
+(and its learned gain) gets no update, weight decay included, and its optimiser state stays as
+it was (PyTorch skips a parameter whose grad is None); Adam's step count is optax's single one,
+so its bias correction after the freeze is that of the global step.
 """
 
 from __future__ import annotations
@@ -149,14 +152,14 @@ class DINO(base.Method):
             require(float(d[f]) > 0, f"dino.{f}", "must be > 0")
         for f in ("momentum_teacher", "center_momentum"):
             require(0.0 <= float(d[f]) <= 1.0, f"dino.{f}", "must be in [0, 1]")
+        for f in ("freeze_last_layer_epochs", "warmup_teacher_temp_epochs"):
+            require(float(d[f]) >= 0, f"dino.{f}", "must be >= 0")
         require(
             int(config.model.num_proj_layers) == 0,
             "model.num_proj_layers",
             "DINO's head is its own (config.dino); set num_proj_layers=0",
         )
         base.validate_crops(config, require)
-        if float(d.freeze_last_layer_epochs) > 0:
-            base.validate_freeze(config, require, "last layer (dino.freeze_last_layer_epochs)")
 
     def views(self, config) -> base.Views:
         return base.crops_from_config(config)
@@ -226,15 +229,6 @@ class DINO(base.Method):
             }
             return loss, (metrics, batch_stats, new_extra)
 
-        def post_grads(grads, step):
-            if freeze_steps <= 0:
-                return grads
-            head = dict(grads["method_head"])
-            for name in ("kernel", "gain"):
-                if name in head:
-                    head[name] = jnp.where(step < freeze_steps, 0.0, head[name])
-            return {**grads, "method_head": head}
-
         def post_update(params, extra, step):
             m = teacher_momentum(step, total_steps, float(d.momentum_teacher))
             t = extra["teacher"]
@@ -247,7 +241,7 @@ class DINO(base.Method):
             model=model,
             loss=loss_fn,
             init_extra=init_extra,
-            post_grads=post_grads,
+            frozen=base.Frozen((("method_head", "kernel"), ("method_head", "gain")), freeze_steps),
             post_update=post_update,
             check_collapse=lambda m: base.collapse_warning(m, num_outputs=k),
         )

@@ -3,8 +3,8 @@
 Embeddings z = L2-normalised projections (128-d); scores = z @ prototypes (K columns,
 re-normalised after every update). Codes come from the two global crops by Sinkhorn-Knopp
 (float32, sums over the GLOBAL batch: under jit the [B, K] scores are the whole batch), and each
-code is predicted from every other crop at temperature 0.1. Prototypes stay frozen for the
-first `freeze_prototypes_epochs`; an optional queue of past global-crop embeddings enlarges
+code is predicted from every other crop at temperature 0.1. Prototypes stay frozen (no update,
+no weight decay, optimiser state held) for the first `freeze_prototypes_epochs`; an optional queue of past global-crop embeddings enlarges
 Sinkhorn's batch for small batches.
 
 Our reading, where the reference differs: the projection head is SimCLR's (dense-BN-ReLU-dense-
@@ -106,8 +106,6 @@ def validate_swav(config, require) -> None:
     require(int(s.sinkhorn_iterations) >= 1, "swav.sinkhorn_iterations", "must be >= 1")
     require(float(s.temperature) > 0, "swav.temperature", "must be > 0")
     require(float(s.freeze_prototypes_epochs) >= 0, "swav.freeze_prototypes_epochs", "must be >= 0")
-    if float(s.freeze_prototypes_epochs) > 0:
-        base.validate_freeze(config, require, "prototypes (swav.freeze_prototypes_epochs)")
     q, b = int(s.queue_length), int(config.batch_size)
     require(
         q == 0 or (q > 0 and q % b == 0),
@@ -215,15 +213,6 @@ class SwAVCore:
         }
         return loss, metrics
 
-    def post_grads(self, grads, step):
-        """Prototypes get no update during the first `freeze_steps` steps."""
-        if self.freeze_steps <= 0:
-            return grads
-        g = grads["method_head"]["prototypes"]["kernel"]
-        g = jnp.where(step < self.freeze_steps, jnp.zeros_like(g), g)
-        head = {**grads["method_head"], "prototypes": {"kernel": g}}
-        return {**grads, "method_head": head}
-
     def check_collapse(self, metrics):
         return base.collapse_warning(metrics, num_outputs=self.k)
 
@@ -234,7 +223,7 @@ class SwAVCore:
             loss=loss_fn,
             init_extra=self.init_extra,
             init_params=normalize_prototypes,
-            post_grads=self.post_grads,
+            frozen=base.Frozen((PROTOTYPES,), self.freeze_steps),  # no update for freeze_steps
             post_update=lambda p, e, s: (normalize_prototypes(p), e),
             check_collapse=self.check_collapse,
         )
