@@ -4,8 +4,8 @@ Embeddings z = L2-normalised projections (128-d); scores = z @ prototypes (K col
 re-normalised after every update). Codes come from the two global crops by Sinkhorn-Knopp
 (float32, sums over the GLOBAL batch: under jit the [B, K] scores are the whole batch), and each
 code is predicted from every other crop at temperature 0.1. Prototypes stay frozen (no update,
-no weight decay, optimiser state held) for the first `freeze_prototypes_epochs`; an optional queue of past global-crop embeddings enlarges
-Sinkhorn's batch for small batches.
+no weight decay, optimiser state held) for the first `freeze_prototypes_epochs`; an optional
+queue of past global-crop embeddings enlarges Sinkhorn's batch for small batches.
 
 Our reading, where the reference differs: the projection head is SimCLR's (dense-BN-ReLU-dense-
 BN without beta) rather than SwAV's (dense-BN-ReLU-dense with bias); L2 normalisation follows
