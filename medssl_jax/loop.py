@@ -13,7 +13,6 @@ logs them, stopping after nan_max_skips in a row.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from medssl_jax import checkpoint as ckpt_lib
-from medssl_jax import paths, sharding
+from medssl_jax import paths, results, sharding
 from medssl_jax.state import TrainState
 
 
@@ -42,14 +41,8 @@ def write_json(path: str | os.PathLike, obj: Mapping[str, Any]) -> None:
     path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    tmp.write_text(results.json_text(obj))
     tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic | np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 # Summary entries a resumed run continues from its checkpoint's meta (see `_carried_summary`).

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
+import numpy as np
+
 from medssl_jax import paths
 from medssl_jax.paths import Path  # epath: local, gs://, ...
 
@@ -131,13 +133,31 @@ def validate_results(obj: object, source: str | os.PathLike) -> ResultsJson:
     return obj  # type: ignore[return-value]
 
 
+def json_text(obj: Any) -> str:
+    """Strict JSON of `obj` (sorted keys, indented): NaN and inf become null, which every JSON
+    reader parses (Python's NaN token is not JSON); NumPy values become numbers and lists."""
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, np.generic | np.ndarray):
+            o = o.tolist()
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, Mapping):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
+
+
 def write_results(folder: str | os.PathLike, results: ResultsJson) -> Path:
     """Validate and write `folder/results.json` (the writer side of the schema)."""
     path = paths.path(folder) / RESULTS_FILENAME
     validate_results(results, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(json_text(results), encoding="utf-8")
     tmp.replace(path)  # atomic locally; object stores have no partial objects
     return path
 

@@ -360,6 +360,30 @@ def test_duplicate_runs_keep_latest_step(tmp_path):
     assert any("duplicate" in n for n in notes)
 
 
+def test_undefined_metrics_are_written_as_strict_json_null(tmp_path):
+    """A split with one class has no AUC (NaN): results.json and the loop's JSON write null,
+    which strict readers (jq, JavaScript) parse, and the report reads it as 'no value'."""
+    import json
+
+    import numpy as np
+
+    from medssl_jax import loop
+
+    res = _valid_results()
+    res["splits"] = {"test": {"top1": 0.75, "auc_mean": float("nan"), "kappa": float("inf")}}
+    report.write_results(tmp_path / "a", res)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
+
+    back = strict((tmp_path / "a" / "results.json").read_text())
+    assert back["splits"]["test"] == {"top1": 0.75, "auc_mean": None, "kappa": None}
+    runs, _ = report.load_runs([tmp_path])
+    assert runs[0].metric("test", "auc_mean") is None and runs[0].metric("test", "top1") == 0.75
+    loop.write_json(tmp_path / "summary.json", {"loss": np.array([1.0, np.nan]), "x": (2, 3)})
+    assert strict((tmp_path / "summary.json").read_text()) == {"loss": [1.0, None], "x": [2, 3]}
+
+
 def test_runs_stopped_early_are_left_out_with_a_note(tmp_path):
     """A preempted fine-tune writes results.json (launchers requeue on it) from a model that did
     not finish: the report must not average it in."""
