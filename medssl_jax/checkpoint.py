@@ -287,12 +287,51 @@ def latest_step(path: str) -> int:
     return step
 
 
+def reported_best_step(path: str) -> int | None:
+    """The step of `path/best` (a fine-tune or DVME run's validation-selected weights) when the
+    run's results.json reports that step, else None (no best/, or the run has not finished)."""
+    import json
+
+    p = orbax_path(path)
+    best, results = p / "best", p / "results.json"
+    if not (best.is_dir() and results.is_file()):
+        return None
+    step = json.loads(results.read_text()).get("step")
+    mngr = ocp.CheckpointManager(best, item_handlers={"variables": ocp.StandardCheckpointHandler()})
+    try:
+        return step if step is not None and step == mngr.latest_step() else None
+    finally:
+        mngr.close()
+
+
+def _load_best(path: str, step: int) -> tuple[dict, dict, int]:
+    directory = orbax_path(path) / "best"
+    mngr = ocp.CheckpointManager(
+        directory, item_handlers={"variables": ocp.StandardCheckpointHandler()}
+    )
+    tree = mngr.item_metadata(step)["variables"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    v = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
+    mngr.close()
+    v = jax.device_get(v.variables)
+    logging.info(
+        "%s: using best/%d, the validation-selected weights results.json reports", path, step
+    )
+    return dict(v["params"]), dict(v.get("batch_stats") or {}), step
+
+
 def load_variables(path: str) -> tuple[dict, dict, int]:
-    """(params, batch_stats, step) of the latest checkpoint at `path`, as host NumPy trees.
+    """(params, batch_stats, step) of the model a run at `path` stands for, as host NumPy trees:
+    a finished fine-tune / DVME run's validation-selected `best/` weights (those its
+    results.json reports), else the latest checkpoint.
 
     A run with an EMA teacher (DINO: `extra['teacher']`) gives the teacher's network, which
     is the one DINO evaluates and transfers.
     """
+    best = reported_best_step(path)
+    if best is not None:
+        return _load_best(path, best)
     mngr, step = _checkpoint_dir(path)
     # Restore onto one local device whatever topology saved it (a pod's pretraining run
     # warm-starts fine-tuning on a single GPU or a laptop).
@@ -390,8 +429,12 @@ def warm_start(state: Any, path: str, parts: tuple[str, ...], proj_layers: int |
             )
         parts = tuple(p for p in parts if p in info["parts"])
     params, batch_stats, src_step = load_variables(path)
-    host_params = jax.device_get(state.params)
-    host_stats = jax.device_get(state.batch_stats)
+    # Whole values on every host: with FSDP over several hosts no process holds all of them.
+    from jax.experimental import multihost_utils
+
+    host_params, host_stats = multihost_utils.process_allgather(
+        (state.params, state.batch_stats), tiled=True
+    )
     try:
         new_params = merge_pretrained(host_params, params, parts, proj_layers=proj_layers)
         new_stats = merge_pretrained(

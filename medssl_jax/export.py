@@ -4,7 +4,8 @@ r"""Export a trained encoder out of JAX: framework-neutral weights or a TF Saved
   python -m medssl_jax.export --workdir=/ckpt/dino_r50 --format=savedmodel --out=enc_savedmodel
 
 `--workdir` is a run's workdir (pretraining, fine-tuning or linear evaluation: the newest
-checkpoint under DIR/checkpoints/<step>/ and the config saved in its `meta`; a DINO run gives
+checkpoint under DIR/checkpoints/<step>/, or a finished fine-tune's validation-selected DIR/best/
+that its results.json reports, and the config saved in the checkpoint `meta`; a DINO run gives
 its EMA teacher) or a converted checkpoint folder (DIR/converted.json, `medssl_jax.convert`).
 
 safetensors: every variable of the encoder and its heads, float32, in Flax layout (conv kernels
@@ -138,7 +139,7 @@ def load_source(workdir: str, image_size: int | None = None) -> Source:
     import ml_collections
 
     from medssl_jax import config_lib
-    from medssl_jax.checkpoint import load_variables
+    from medssl_jax.checkpoint import load_variables, reported_best_step
     from medssl_jax.models import create_model
 
     if not ckpt_exists(workdir):
@@ -151,11 +152,11 @@ def load_source(workdir: str, image_size: int | None = None) -> Source:
         if "config" not in meta:
             raise ExportError(f"the checkpoint meta of {workdir!r} holds no config")
         config = ml_collections.ConfigDict(meta["config"])
-    params, batch_stats, step = load_variables(workdir)
+    params, batch_stats, step = load_variables(workdir)  # best/ of a finished fine-tune
     num_classes = _num_classes(params)
     f32 = jnp.float32
     if converted is None:
-        if step != meta_step:
+        if step != meta_step and step != reported_best_step(workdir):
             raise ExportError(f"{workdir!r}: newest state step {step} != meta step {meta_step}")
         model = config_lib.model_from_config(config, num_classes=num_classes, dtype=f32)
         size = int(image_size or config.data.image_size)

@@ -26,6 +26,40 @@ def test_relative_workdir_round_trip(tmp_path, monkeypatch):
     assert checkpoint.absolute("gs://bucket/run") == "gs://bucket/run"
 
 
+def test_a_finished_finetune_stands_for_its_validation_selected_weights(tmp_path):
+    """load_variables (export, DVME features, warm starts) gives the best/ weights a finished
+    fine-tune's results.json reports, not its last step; the latest checkpoint otherwise."""
+    import json
+
+    from medssl_jax.finetune import BestKeeper
+    from medssl_jax.state import TrainState
+
+    def state(v):
+        return TrainState(
+            step=np.asarray(0, np.int32),
+            params={"head": {"kernel": np.full((2, 3), v, np.float32)}},
+            batch_stats={"bn": {"mean": np.full((3,), v, np.float32)}},
+            opt_state={},
+        )
+
+    ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, async_save=False)
+    best = BestKeeper(str(tmp_path), "validation", "top1")
+    for step, top1 in ((2, 0.9), (6, 0.5)):
+        ck.save(step, state(step), {}, force=True)
+        best.offer(step, {"top1": top1}, state(step))
+    ck.close()
+    assert checkpoint.load_variables(str(tmp_path))[2] == 6  # running: no results.json yet
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "finetune", "step": 2}))
+    params, stats, step = checkpoint.load_variables(str(tmp_path))
+    assert step == 2 == checkpoint.reported_best_step(str(tmp_path))
+    np.testing.assert_array_equal(params["head"]["kernel"], np.full((2, 3), 2, np.float32))
+    np.testing.assert_array_equal(stats["bn"]["mean"], np.full((3,), 2, np.float32))
+    # Selected on "last step" (or stopped early): results.json names a step best/ does not hold.
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "finetune", "step": 6}))
+    assert checkpoint.load_variables(str(tmp_path))[2] == 6
+    assert checkpoint.reported_best_step(str(tmp_path)) is None
+
+
 def test_sigterm_is_recorded_not_fatal_and_handler_restored():
     before = signal.getsignal(signal.SIGTERM)
     with checkpoint.PreemptionGuard() as guard:
