@@ -53,6 +53,12 @@ def init_distributed() -> str:
         sys.exit(f"error: MEDSSL_MULTIHOST={mode!r}: expected one of {MULTIHOST_MODES} or unset")
     # CPU collectives across processes (tests, CPU clusters); accelerators ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    by_hand = FLAGS.num_processes is not None or FLAGS.process_id is not None
+    if by_hand and not (FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        sys.exit(
+            "error: --num_processes/--process_id need --coordinator_address (host:port of "
+            "process 0) or JAX_COORDINATOR_ADDRESS; without one each process would train alone"
+        )
     if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,

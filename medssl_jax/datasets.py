@@ -58,11 +58,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medssl_jax import case_store, data_splits, paths
+from medssl_jax import case_store, data_splits, paths, sharding
 from medssl_jax.case_store import CaseStore, DataSpec, patient_key  # noqa: F401 (re-exported)
 
 LABEL_KINDS = ("multiclass", "multilabel", "none")
@@ -384,9 +385,18 @@ def load(
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"options must be a mapping, got {type(options).__name__}")
     module = import_builder_module(name)
+    # Prepare first: builders such as derm_csv learn their class names from the data. With
+    # several processes, process 0 prepares while the others wait (a shared data_dir written
+    # by all at once fails); then they find it prepared, or build their own on local disks.
+    first = jax.process_index() == 0
+    if not first:
+        sharding.barrier(f"prepare {name}")
     builder = make_builder(name, data_dir, skip_bad_rows=skip_bad_rows)
-    # Prepare first: builders such as derm_csv learn their class names from the data.
-    prepare(builder, manual_dir, data_dir)
+    try:
+        prepare(builder, manual_dir, data_dir)
+    finally:
+        if first:
+            sharding.barrier(f"prepare {name}")
     fn, fields = _resolve_transform(module, options, builder.info)
     _check_split(builder, split)
 

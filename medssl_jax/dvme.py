@@ -40,6 +40,7 @@ from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax.case_store import CaseStore
 from medssl_jax.loop import fit
 from medssl_jax.models.dvme import DVME, DVMEOverImages
+from medssl_jax.predictions import join_process_shards, shard_name
 from medssl_jax.results import write_results
 from medssl_jax.state import TrainState, compile_train, init_variables, label_structs
 
@@ -413,16 +414,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pred = trainer.predict(params, batch_stats, split)
         split_results[split] = finetune.split_metrics(pred, eval_stores[split].spec, graded=graded)
         attention[split] = [float(v) for v in pred["encoder_weights"].mean(0)]
-        name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
-        finetune.write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
-        if pcount == 1:
-            preds[split] = name
+        preds[split] = name = f"predictions_{split}.csv"
+        finetune.write_predictions(
+            paths.path(workdir) / shard_name(name, pidx, pcount), pred, eval_stores[split]
+        )
         logging.info(
             "%s: %s; mean attention %s",
             split,
             {k: round(v, 4) for k, v in split_results[split].items() if "/" not in k},
             dict(zip(names, np.round(attention[split], 3), strict=True)),
         )
+    join_process_shards(workdir, list(preds.values()), pidx, pcount)
     eval_writer.flush()
     results = {
         "kind": "finetune" if end_to_end else "linear_eval",

@@ -122,7 +122,9 @@ def extract(
         f"{encoder.name}_{store.spec.split}_p{jax.process_index()}_"
         f"{_cache_key(encoder, store, image_size)}.npy"
     )
-    if cache.exists():
+    # Every process computes, or none: extraction runs collectives (a process whose own cache
+    # file survived a kill must not leave the others alone in them).
+    if sharding.all_processes(cache.exists()):
         feats = np.load(io.BytesIO(cache.read_bytes()))
         logging.info(
             "%s features of %s: cached %s %s", encoder.name, store.spec.split, feats.shape, cache

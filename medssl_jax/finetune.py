@@ -37,6 +37,7 @@ from medssl_jax import (
 from medssl_jax import checkpoint as ckpt_lib
 from medssl_jax.case_store import CaseStore
 from medssl_jax.loop import fit
+from medssl_jax.predictions import join_process_shards, shard_name
 from medssl_jax.results import write_results
 from medssl_jax.state import Built, TrainState, compile_train, label_structs, make_init
 
@@ -377,10 +378,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for split in [] if stopped else eval_splits:
         m, pred = evaluate(split, params, batch_stats)
         split_results[split] = m
-        name = f"predictions_{split}.csv" if pcount == 1 else f"predictions_{split}.p{pidx}.csv"
-        write_predictions(paths.path(workdir) / name, pred, eval_stores[split])
-        if pcount == 1:
-            predictions[split] = name
+        predictions[split] = name = f"predictions_{split}.csv"
+        write_predictions(
+            paths.path(workdir) / shard_name(name, pidx, pcount), pred, eval_stores[split]
+        )
         logging.info("%s: %s", split, {k: round(v, 4) for k, v in m.items() if "/" not in k})
     for t in [] if stopped else targets:  # other datasets, through the label mapping
         pred = predict(
@@ -396,11 +397,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pred["logits"][mask], label[mask], graded=graded, class_names=spec.class_names
             )
         split_results[t.result_split] = m
-        name = f"predictions_{t.result_split}.csv"
-        name = name if pcount == 1 else name.replace(".csv", f".p{pidx}.csv")
-        write_predictions(paths.path(workdir) / name, pred, t.store, t, spec)
-        if pcount == 1:
-            predictions[t.result_split] = name
+        predictions[t.result_split] = name = f"predictions_{t.result_split}.csv"
+        write_predictions(
+            paths.path(workdir) / shard_name(name, pidx, pcount), pred, t.store, t, spec
+        )
         logging.info(
             "%s (%s %s, mapped classes %s): %s",
             t.result_split,
@@ -409,6 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             [a for a, _ in t.names],
             {k: round(v, 4) for k, v in m.items() if "/" not in k},
         )
+    join_process_shards(workdir, list(predictions.values()), pidx, pcount)
     eval_writer.flush()
     results = {
         "kind": config.method,

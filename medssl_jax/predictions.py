@@ -18,7 +18,13 @@ import numpy as np
 from medssl_jax import paths
 from medssl_jax.metrics import _class_keys, _finite_2d, _int_labels
 
-__all__ = ["Predictions", "read_predictions_csv", "write_predictions_csv"]
+__all__ = [
+    "Predictions",
+    "join_process_shards",
+    "read_predictions_csv",
+    "shard_name",
+    "write_predictions_csv",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +124,37 @@ def write_predictions_csv(
     for i in range(n):
         w.writerow([*(col[i] for col in ids), *label_txt[i], *score_txt[i].tolist()])
     paths.path(path).write_bytes(buf.getvalue().encode("utf-8"))  # local, gs://, ...
+
+
+def shard_name(name: str, process_index: int, process_count: int) -> str:
+    """The file one process writes its own rows of `name` to (`name` itself with one process)."""
+    return name if process_count == 1 else name.replace(".csv", f".p{process_index}.csv")
+
+
+def join_process_shards(
+    folder: str | os.PathLike, names: Sequence[str], process_index: int, process_count: int
+) -> None:
+    """With several processes, each wrote its rows of every CSV in `names` to `shard_name`;
+    once all have, process 0 joins them (in process order) into `names` and removes the shards:
+    the report's patient-bootstrap CIs need the whole split in one file. Every process calls it."""
+    if process_count == 1 or not names:
+        return
+    from medssl_jax import sharding
+
+    sharding.barrier("prediction shards written")
+    if process_index == 0:
+        folder = paths.path(folder)
+        for name in names:
+            shards = [folder / shard_name(name, i, process_count) for i in range(process_count)]
+            texts = [s.read_text(encoding="utf-8").splitlines(keepends=True) for s in shards]
+            for s, t in zip(shards[1:], texts[1:], strict=True):
+                if t[:1] != texts[0][:1]:
+                    raise ValueError(f"{s}: header differs from {shards[0]}'s")
+            rows = [line for t in texts for line in t[1:]]
+            (folder / name).write_text("".join(texts[0][:1] + rows), encoding="utf-8")
+            for s in shards:
+                s.unlink()
+    sharding.barrier("prediction shards joined")
 
 
 def read_predictions_csv(path: str | os.PathLike) -> Predictions:

@@ -87,3 +87,35 @@ def abstract_with(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+_BARRIERS: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+    """All processes meet here (nothing with one process). The coordination service's barrier
+    waits up to `timeout_s`: what the others wait for (a dataset being prepared) can take
+    longer than a collective's time-out. Every process must call it in the same order."""
+    if jax.process_count() == 1:
+        return
+    _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+    unique = f"{name}#{_BARRIERS[name]}"
+    from jax._src import distributed  # the client jax.distributed.initialize made
+
+    client = distributed.global_state.client
+    if client is None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(unique)
+    else:
+        client.wait_at_barrier(unique, timeout_in_ms=int(timeout_s * 1000))
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (itself with one): decisions that lead into
+    collectives (skip work whose result is cached) must be the same on all processes."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))

@@ -33,8 +33,18 @@ if int(nproc) > 1:
         heartbeat_timeout_seconds=600,
     )
 
-from medssl_jax import pretrain, sharding  # noqa: E402
+from medssl_jax import datasets, pretrain, sharding  # noqa: E402
 from tests.test_pretrain import METHODS, batches_for, method_config  # noqa: E402
+
+# Every process loads the demo set from one fresh data_dir at once (as main.py does on a pod
+# whose hosts share a data_dir): process 0 prepares it while the others wait.
+cases = datasets.load(
+    "demo",
+    split="train",
+    data_dir=out + "_tfds",
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+)[0]
 
 
 def barrier(name: str) -> None:
@@ -85,6 +95,47 @@ for method in METHODS:
     for k, v in host(keep(state)).items():
         arrays[f"{method}/final{k}"] = v
     results[method] = metrics
+
+# Warm start of an FSDP state (parameters split over the processes) from a saved checkpoint:
+# every process holds only part of each array, so the merge must gather them first.
+from jax.experimental import multihost_utils  # noqa: E402
+
+from medssl_jax import checkpoint  # noqa: E402
+
+config = method_config("simclr")
+source = pretrain.build(
+    config, mesh, num_classes=5, label_kind="multiclass", total_steps=10, warmup_steps=1
+)
+src_state = source.init(jax.random.key(7))
+ck = checkpoint.Checkpointer(out + "_source", every_steps=1, keep=1, async_save=False)
+ck.save(3, src_state, {}, force=True)
+ck.manager.wait_until_finished()
+config.sharding.fsdp, config.sharding.fsdp_min_size = True, 64
+fsdp = pretrain.build(
+    config, mesh, num_classes=5, label_kind="multiclass", total_steps=10, warmup_steps=1
+)
+state = fsdp.init(jax.random.key(0))
+split = [x for x in jax.tree.leaves(state.params) if not x.is_fully_addressable]
+warm = checkpoint.warm_start(state, out + "_source", ("backbone",))
+got, want = multihost_utils.process_allgather(
+    (warm.params["backbone"], src_state.params["backbone"]), tiled=True
+)
+results["all_processes"] = [
+    sharding.all_processes(True),
+    sharding.all_processes(jax.process_index() == 0),
+]
+results["demo_cases"] = multihost_utils.process_allgather(np.int64(cases.num_cases)).tolist()
+results["fsdp_warm_start"] = {
+    "split_leaves": len(split),
+    "backbone_equal": all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    ),
+    "same_sharding": all(
+        a.sharding == b.sharding
+        for a, b in zip(jax.tree.leaves(warm.params), jax.tree.leaves(state.params), strict=True)
+    ),
+}
 if jax.process_index() == 0:
     with open(out + ".json", "w") as f:
         json.dump(results, f)

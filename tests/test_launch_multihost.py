@@ -198,14 +198,48 @@ def test_tpu_vm_path_two_processes_train_checkpoint_resume(tmp_path, demo_data):
         _check_run(texts, workdir, steps)
         assert "via tpu" in texts[0]
     assert "Resumed from checkpoint at step 2" in texts[0], texts[0][-3000:]
+    # Linear evaluation of that run on the same 2 processes: each writes its own prediction
+    # rows, process 0 joins them, so results.json names whole-split CSVs (patient CIs).
+    evaldir = tmp_path / "linear"
+    procs = []
+    for worker in range(2):
+        cmd = [sys.executable, str(ROOT / "main.py"), "--config=configs/linear_eval.py:demo"]
+        cmd += [f"--workdir={evaldir}", f"--config.init_checkpoint={workdir}"]
+        cmd += _args(demo_data, 2) + ["--config.data.image_size=32"]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env={**env, "FAKE_TPU_WORKER": str(worker)},
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    results = json.loads((evaldir / "results.json").read_text())
+    assert set(results["predictions"]) == set(results["splits"]) != set()
+    from medssl_jax import predictions
+
+    for split, name in results["predictions"].items():
+        pred = predictions.read_predictions_csv(evaldir / name)
+        assert len(pred.case_ids) == results["splits"][split]["num_examples"], split
+        assert len(set(pred.image_ids)) == len(pred.image_ids)
+    assert not list(evaldir.glob("predictions_*.p*.csv"))
 
 
 def test_multihost_mode_errors_name_the_problem(tmp_path):
     env = _env(tmp_path)
     base = [sys.executable, str(ROOT / "main.py"), "--config=configs/simclr.py:demo"]
-    for mode, want in (("pods", "MEDSSL_MULTIHOST='pods'"), ("slurm", "run main.py under srun")):
+    cases = (
+        ("pods", [], "MEDSSL_MULTIHOST='pods'"),
+        ("slurm", [], "run main.py under srun"),
+        ("", ["--num_processes=2", "--process_id=1"], "need --coordinator_address"),
+    )
+    for mode, extra, want in cases:
         proc = subprocess.run(
-            base + [f"--workdir={tmp_path}/w"],
+            base + [f"--workdir={tmp_path}/w", *extra],
             env={**env, "MEDSSL_MULTIHOST": mode},
             cwd=ROOT,
             capture_output=True,

@@ -53,6 +53,16 @@ def test_two_processes_match_one_device(tmp_path):
     _launch(2, 4, tmp_path / "multi")
     single = json.loads((tmp_path / "single.json").read_text())
     multi = json.loads((tmp_path / "multi.json").read_text())
+    # Warm start into FSDP state split over 2 processes restores the saved backbone.
+    warm = multi.pop("fsdp_warm_start")
+    assert warm["split_leaves"] > 0 and warm["backbone_equal"] and warm["same_sharding"], warm
+    assert single.pop("fsdp_warm_start")["backbone_equal"]
+    # Both processes loaded the demo set prepared once into a shared fresh data_dir, and
+    # between them hold all of its cases (patients split between them).
+    assert single.pop("all_processes") == [True, True]
+    assert multi.pop("all_processes") == [True, False]  # process 1's False reaches process 0
+    (n_all,), halves = single.pop("demo_cases"), multi.pop("demo_cases")
+    assert len(halves) == 2 and min(halves) > 0 and sum(halves) == n_all, (halves, n_all)
     assert set(single) == set(multi) == {"simclr", "swav", "dino", "hybrid"}
     for method in single:
         for a, b in zip(single[method], multi[method], strict=True):
