@@ -163,15 +163,21 @@ def _patients(preds: Sequence[Predictions], what: str) -> list[str]:
     return sorted(sets[0])
 
 
+# Fewer patients than this give no interval: resampling 1-9 patients has a handful of
+# distinct outcomes (one patient: a zero-width "interval"), which no percentile makes a CI.
+MIN_PATIENTS = 10
+
+
 def _interval(
-    point: float, values: np.ndarray, num_replicates: int, level: float
+    point: float, values: np.ndarray, num_replicates: int, level: float, num_patients: int
 ) -> tuple[float, float, float]:
     """(point, low, high): the percentile interval of the finite replicate values; NaN bounds
-    when more than half of the replicates are undefined (e.g. a class absent)."""
+    when more than half of the replicates are undefined (e.g. a class absent) or there are
+    fewer than MIN_PATIENTS patients."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     values = values[np.isfinite(values)]
-    if values.size < num_replicates / 2:
+    if values.size < num_replicates / 2 or num_patients < MIN_PATIENTS:
         return point, float("nan"), float("nan")
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
@@ -193,12 +199,13 @@ def bootstrap_ci(
     """(point, low, high): the seed-mean metric and its patient-bootstrap percentile interval.
 
     All `preds` must hold predictions of the same split (same patients). Replicates where the
-    metric is undefined (e.g. a class absent) are dropped; NaN bounds if more than half are.
+    metric is undefined (e.g. a class absent) are dropped; NaN bounds if more than half are,
+    or with fewer than MIN_PATIENTS patients.
     """
     patients = _patients(preds, "bootstrap_ci")
     counts = patient_counts(len(patients), num_replicates, seed)
     values = replicate_values(preds, name, counts, patients)
-    return _interval(_seed_mean(preds, name), values, num_replicates, level)
+    return _interval(_seed_mean(preds, name), values, num_replicates, level, len(patients))
 
 
 def paired_difference_ci(
@@ -221,4 +228,4 @@ def paired_difference_ci(
         preds_b, name, counts, patients
     )
     point = _seed_mean(preds_a, name) - _seed_mean(preds_b, name)
-    return _interval(point, diff, num_replicates, level)
+    return _interval(point, diff, num_replicates, level, len(patients))

@@ -14,8 +14,6 @@ run per init, chosen on the VALIDATION split (nothing anywhere is chosen on a te
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
 import re
 import sys
@@ -24,8 +22,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medssl_jax import confidence, metrics, paths, plots, predictions
+from medssl_jax import metrics, paths, plots
 from medssl_jax.paths import Path  # epath: local, gs://, ...
+from medssl_jax.report_cells import (  # noqa: F401 (Cell and aggregate are public here too)
+    Cell,
+    PredictionCache,
+    aggregate,
+    chance_level,
+    format_cell,
+    with_ci,
+)
 from medssl_jax.results import (  # noqa: F401 (the report's public names)
     RESULTS_FILENAME,
     SHIFT_PREFIX,
@@ -53,155 +59,6 @@ def default_metrics(label_kind: str) -> list[str]:
     """Top-1 never alone: on imbalanced sets (HAM10000 is 67% one class) it hides a model that
     predicts the majority class, which balanced accuracy and AUC expose."""
     return ["top1", "balanced_accuracy", "auc_mean"] if label_kind == "multiclass" else ["auc_mean"]
-
-
-# ----------------------------------------------------------------------------- aggregation
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One table cell: a metric on a split for one (init, label fraction) over its seeds."""
-
-    mean: float
-    std: float  # over seeds (ddof=1); 0 for one seed
-    values: tuple[float, ...]  # one per seed
-    ci: tuple[float, float] | None = None  # 95% patient-bootstrap CI of the seed-mean
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-
-def aggregate(runs: Sequence[Run], split: str, metric: str) -> dict[tuple[str, float], Cell]:
-    """(init, label_fraction) -> Cell (mean and sd over seeds, no CI) of one metric on a split."""
-    acc: dict[tuple[str, float], list[float]] = defaultdict(list)
-    for r in sorted(runs, key=lambda r: r.results["seed"]):
-        v = r.metric(split, metric)
-        if v is not None:
-            acc[(r.results["init"], float(r.results["label_fraction"]))].append(v)
-    return {k: _cell(v) for k, v in acc.items()}
-
-
-def _cell(values: list[float], ci: tuple[float, float] | None = None) -> Cell:
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return Cell(float(arr.mean()), std, tuple(float(v) for v in arr), ci)
-
-
-class _Predictions:
-    """Prediction CSVs read once per report (several metrics and plots use each)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], predictions.Predictions] = {}
-
-    def get(self, run: Run, split: str) -> predictions.Predictions | None:
-        rel = run.results.get("predictions", {}).get(split)
-        if rel is None:
-            return None
-        key = (str(run.source), split)
-        if key not in self._cache:
-            csv_path = run.folder / rel
-            try:
-                pred = predictions.read_predictions_csv(csv_path)
-            except ValueError as e:
-                raise ResultsError(
-                    f"{run.source}: prediction CSV for split '{split}': {e}"
-                ) from None
-            if list(pred.class_names) != list(run.results["class_names"]):
-                raise ResultsError(
-                    f"{run.source}: {csv_path} classes {pred.class_names} differ from class_names"
-                )
-            self._cache[key] = pred
-        return self._cache[key]
-
-
-def _with_ci(
-    cells: dict[tuple[str, float], Cell],
-    runs: Sequence[Run],
-    split: str,
-    metric: str,
-    preds: _Predictions,
-    replicates: int,
-    notes: set[str],
-) -> dict[tuple[str, float], Cell]:
-    """The cells with their patient-bootstrap CI, where every seed has a prediction CSV."""
-    if replicates <= 0 or not confidence.supports(metric):
-        return cells
-    out = {}
-    for key, cell in cells.items():
-        members = [
-            r
-            for r in runs
-            if (r.results["init"], float(r.results["label_fraction"])) == key
-            and r.metric(split, metric) is not None
-        ]
-        loaded = [preds.get(r, split) for r in members]
-        ci = None
-        if loaded and all(p is not None for p in loaded):
-            if any(p.patients_from_cases for p in loaded):
-                notes.add(
-                    "some prediction CSVs have no patient_id column: their CIs resample cases"
-                )
-            try:
-                point, lo, hi = confidence.bootstrap_ci(loaded, metric, num_replicates=replicates)
-                ci = (lo, hi) if math.isfinite(lo) else None
-                if abs(point - cell.mean) > 1e-3:
-                    notes.add(
-                        f"{metric} on {split} ({key[0]}, {key[1]:g}): the prediction CSVs give "
-                        f"{point:.4f}, results.json {cell.mean:.4f}; the CI is the CSVs'"
-                    )
-            except ValueError as e:
-                notes.add(f"no CI for {metric} on {split} ({key[0]}, {key[1]:g}): {e}")
-        out[key] = dataclasses.replace(cell, ci=ci)
-    return out
-
-
-def chance_level(runs: Sequence[Run], split: str, metric: str, preds: _Predictions) -> float | None:
-    """What a model without information scores: AUC 0.5, kappa 0, balanced accuracy 1 / classes
-    present, top-1 the majority-class rate of the split (labels of any run's predictions)."""
-    if metric == "auc_mean" or metric.startswith("auc/"):
-        return 0.5
-    if metric == "kappa_quadratic":
-        return 0.0
-    for r in runs:
-        p = preds.get(r, split)
-        if p is None:
-            continue
-        if p.multilabel:
-            if metric != "accuracy":
-                return None
-            y, m = p.labels > 0.5, p.label_mask
-            pos = (y & m).sum(0)
-            return float(np.maximum(pos, m.sum(0) - pos).sum() / m.sum())
-        counts = np.bincount(p.labels[p.label_mask], minlength=len(p.class_names))
-        if metric == "top1":
-            return float(counts.max() / counts.sum())
-        if metric == "balanced_accuracy":
-            return 1.0 / int((counts > 0).sum())
-        return None
-    if metric == "top1":
-        found = [r.metric(split, "majority_top1") for r in runs]
-        found = [v for v in found if v is not None]
-        return found[0] if found else None
-    return None
-
-
-def _decimals(cell: Cell) -> int:
-    """Down to the first significant digit of the CI half-width (2-4 decimals)."""
-    if cell.ci is None:
-        return 3
-    half = (cell.ci[1] - cell.ci[0]) / 2
-    return 4 if half <= 0 else int(min(4, max(2, -math.floor(math.log10(half)))))
-
-
-def _fmt(cell: Cell | None) -> str:
-    if cell is None:
-        return "–"
-    d = _decimals(cell)
-    text = f"{cell.mean:.{d}f}"
-    if cell.ci is not None:
-        text += f" [{cell.ci[0]:.{d}f}, {cell.ci[1]:.{d}f}]"
-    return text + (f"; sd {cell.std:.{d}f} (n={cell.n})" if cell.n > 1 else " (n=1)")
 
 
 def _split_order(splits: set[str]) -> list[str]:
@@ -234,9 +91,9 @@ def choose_run(cands: Sequence[Run], metric_order: Sequence[str]) -> tuple[Run, 
     return first, "no validation score: largest label fraction, lowest seed"
 
 
-def _roc_curves(run: Run, split: str, preds: _Predictions | None = None):
+def _roc_curves(run: Run, split: str, preds: PredictionCache | None = None):
     """Per-class ROC curves [(class, fpr, tpr, auc)] of one run's prediction CSV."""
-    pred = (preds or _Predictions()).get(run, split)
+    pred = (preds or PredictionCache()).get(run, split)
     if pred is None:
         raise ResultsError(f"{run.source}: no prediction CSV for split '{split}'")
     curves = []
@@ -270,7 +127,7 @@ def _group_section(
     dataset, kind, label_kind = r0["dataset"], r0["kind"], r0["label_kind"]
     wanted = list(metric_names) if metric_names else default_metrics(label_kind)
     splits = _split_order({s for r in runs for s in r.results["splits"]})
-    preds = _Predictions()
+    preds = PredictionCache()
     notes: set[str] = set()
     lines = [f"## {dataset} / {kind} ({label_kind})", ""]
     lines.append(
@@ -281,8 +138,12 @@ def _group_section(
     cols = [(m, s) for m in wanted for s in splits]
     table = {}
     for m, s in cols:
-        table[(m, s)] = _with_ci(aggregate(runs, s, m), runs, s, m, preds, replicates, notes)
+        table[(m, s)] = with_ci(aggregate(runs, s, m), runs, s, m, preds, replicates, notes)
     present = [c for c in cols if table[c]]
+    for s in sorted({s for _, s in present} & {r.results.get("selected_on") for r in runs}):
+        notes.add(
+            f"checkpoints were chosen on {s}: its numbers are optimistic, report another split"
+        )
     missing = sorted(set(wanted) - {m for m, _ in present})
     if missing:
         lines += [f"Metric(s) not found in any split: {', '.join(missing)}.", ""]
@@ -293,7 +154,7 @@ def _group_section(
     lines.append("| init | label fraction | " + " | ".join(f"{s} {m}" for m, s in present) + " |")
     lines.append("|---|---:|" + "---:|" * len(present))
     for init, frac in rows:
-        cells = [_fmt(table[c].get((init, frac))) for c in present]
+        cells = [format_cell(table[c].get((init, frac))) for c in present]
         lines.append(f"| {init} | {frac:g} | " + " | ".join(cells) + " |")
     lines.append(
         "| chance | – | "
@@ -321,7 +182,7 @@ def _group_section(
 
     shifted = [s for s in splits if s.startswith(SHIFT_PREFIX)]
     # In-distribution reference: the test split, or validation where the dataset has no
-    # labelled test split (CheXpert's official validation set is the one reported).
+    # labelled test split.
     ref = "test" if "test" in splits else next((s for s in VALIDATION_SPLITS if s in splits), "")
     if ref and shifted:
         for m in wanted:
@@ -392,7 +253,9 @@ def _subset_table(
     lines.append("| init | " + " | ".join(f"{f:g} of labels" for f in fracs) + " |")
     lines.append("|---|" + "---:|" * len(fracs))
     for init in sorted({i for i, _ in cells}):
-        lines.append(f"| {init} | " + " | ".join(_fmt(cells.get((init, f))) for f in fracs) + " |")
+        lines.append(
+            f"| {init} | " + " | ".join(format_cell(cells.get((init, f))) for f in fracs) + " |"
+        )
     if chance.get(key) is not None:
         lines.append("| chance | " + " | ".join(f"{chance[key]:.3f}" for _ in fracs) + " |")
     return lines + [""]

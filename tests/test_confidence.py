@@ -147,7 +147,22 @@ def test_replicates_equal_explicit_concatenation_of_drawn_patients():
             assert got[r] == pytest.approx(np.mean(vals)), (name, r)
 
 
-def test_bootstrap_distribution_equals_exact_enumeration_over_patients():
+def test_too_few_patients_give_no_interval():
+    """One patient resampled is always the same patient: a zero-width "95% CI". Below
+    MIN_PATIENTS (10) the bounds are NaN, for one model and for a paired difference."""
+    rng = np.random.default_rng(0)
+    for n_patients, defined in ((1, False), (9, False), (10, True)):
+        patients = [f"p{i // 3}" for i in range(3 * n_patients)]
+        labels = rng.integers(0, 2, 3 * n_patients)
+        scores = rng.dirichlet([1, 1], 3 * n_patients)
+        pred = _pred(labels, scores, patients)
+        _, lo, hi = confidence.bootstrap_ci([pred], "top1", num_replicates=200)
+        _, dlo, dhi = confidence.paired_difference_ci([pred], [pred], "top1", num_replicates=200)
+        assert np.isfinite([lo, hi, dlo, dhi]).all() == defined, n_patients
+        assert np.isnan([lo, hi, dlo, dhi]).all() != defined, n_patients
+
+
+def test_bootstrap_distribution_equals_exact_enumeration_over_patients(monkeypatch):
     """4 patients with 3, 1, 2, 2 images: every ordered draw of 4 patients (4**4, equally
     likely) gives the exact bootstrap distribution; 20000 replicates must match its CDF, and
     resampling IMAGES instead (the wrong unit) must not."""
@@ -169,7 +184,10 @@ def test_bootstrap_distribution_equals_exact_enumeration_over_patients():
     cdf = lambda s, x: np.searchsorted(s, x, side="right") / s.size  # noqa: E731
     ks = max(abs(cdf(boot, x) - cdf(exact, x)) for x in grid)
     assert ks < 0.02
-    # The CI is the 2.5 / 97.5 % quantile of those replicates, near the exact quantiles.
+    # 4 patients are too few for a CI (NaN bounds); allowing them, the CI is the 2.5 / 97.5 %
+    # quantile of those replicates, near the exact quantiles.
+    assert np.isnan(confidence.bootstrap_ci([pred], "top1", num_replicates=200)[1:]).all()
+    monkeypatch.setattr(confidence, "MIN_PATIENTS", 4)
     point, lo, hi = confidence.bootstrap_ci([pred], "top1", num_replicates=20000, seed=0)
     assert point == pytest.approx(np.mean(predicted == labels))
     assert (lo, hi) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))

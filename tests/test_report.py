@@ -384,6 +384,46 @@ def test_undefined_metrics_are_written_as_strict_json_null(tmp_path):
     assert strict((tmp_path / "summary.json").read_text()) == {"loss": [1.0, None], "x": [2, 3]}
 
 
+def test_a_split_the_checkpoints_were_chosen_on_is_flagged(tmp_path):
+    """Numbers on the split a run chose its checkpoint on are optimistic; the report says so
+    for that split only."""
+    chosen, other = _valid_results(), _valid_results()
+    chosen["selected_on"], other["selected_on"] = "test", "validation"
+    other["init"] = "other"
+    report.write_results(tmp_path / "runs" / "a", chosen)
+    report.build_report([tmp_path / "runs"], tmp_path / "out", ["top1"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "checkpoints were chosen on test: its numbers are optimistic" in md
+    report.write_results(tmp_path / "runs2" / "b", other)
+    report.build_report([tmp_path / "runs2"], tmp_path / "out2", ["top1"])
+    assert "optimistic" not in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_cells_without_a_ci_say_why(tmp_path):
+    """A cell whose predictions cover 3 patients, and one whose seed has no prediction CSV,
+    print no CI, and the report's notes say why for each."""
+    few, none = _valid_results(), _valid_results()
+    few["init"], none["init"] = "few", "none"
+    (tmp_path / "a").mkdir()
+    predictions.write_predictions_csv(
+        tmp_path / "a" / "predictions_test.csv",
+        case_ids=[f"c{i}" for i in range(6)],
+        image_ids=[f"i{i}" for i in range(6)],
+        patient_ids=[f"p{i // 2}" for i in range(6)],
+        labels=np.array([0, 1, 0, 1, 1, 0]),
+        scores=np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.7, 0.3], [0.9, 0.1]]),
+        class_names=["a", "b"],
+    )
+    few["predictions"] = {"test": "predictions_test.csv"}
+    report.write_results(tmp_path / "a", few)
+    report.write_results(tmp_path / "b", none)
+    report.build_report([tmp_path], tmp_path / "out", ["top1"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "no CI for top1 on test (few, 0.5): fewer than 10 patients" in md
+    assert "no CI for top1 on test (none, 0.5): a seed has no prediction CSV" in md
+    assert "| few | 0.5 | 0.500 (n=1) |" in md and "| none | 0.5 | 0.500 (n=1) |" in md
+
+
 def test_runs_stopped_early_are_left_out_with_a_note(tmp_path):
     """A preempted fine-tune writes results.json (launchers requeue on it) from a model that did
     not finish: the report must not average it in."""
