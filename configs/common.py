@@ -68,6 +68,13 @@ def pretrain_config(method: str) -> ml_collections.ConfigDict:
     c.augment.flip = True
     c.augment.grayscale_prob = 0.2
     c.augment.color_jitter_prob = 0.8
+    # Jitter strengths (brightness, contrast, saturation, hue): () = SimCLR's from color_strength
+    # (0.8, 0.8, 0.8, 0.2 times it); DINO gives its own (configs/dino.py).
+    c.augment.jitter = ()
+    # Blur (when blur=True) and solarization probabilities per view kind: global crop 1, global
+    # crop 2, local crops. SimCLR, MICLe and SwAV blur every view with p 0.5; DINO differs.
+    c.augment.view_blur_prob = (0.5, 0.5, 0.5)
+    c.augment.view_solarize_prob = (0.0, 0.0, 0.0)
     # Colour jitter, grayscale and blur in the train step on the accelerator (crops stay on the
     # host): for hosts with few CPU cores per accelerator. Same draws either way.
     c.augment.on_device = False
@@ -157,6 +164,7 @@ def chexpert(c: ml_collections.ConfigDict) -> None:
     c.augment.color_strength = 0.5
     c.augment.blur = False
     c.augment.rotation_degrees = 45.0
+    simclr_colour(c)  # SimCLR's jitter set and no solarization, whatever the method's own
     c.batch_size = 1024  # unverified
     c.optim.base_learning_rate = 0.5  # unverified
     c.num_steps = 100_000  # "up to 100k steps" (unverified)
@@ -177,6 +185,7 @@ def demo(c: ml_collections.ConfigDict) -> None:
     c.augment.recipe = "demo"
     c.augment.color_strength = 0.5
     c.augment.blur = False
+    simclr_colour(c)
     c.optim.lr_scaling = "sqrt"  # SimCLRv2's small-batch rule: base * sqrt(B)
     # 0.6 * sqrt(64) = 4.8, SimCLR's ImageNet peak. LARS moves a conv kernel by about
     # lr * 1e-3 of its norm per step, so a few hundred steps need the large rate: at 1.2 the
@@ -185,6 +194,14 @@ def demo(c: ml_collections.ConfigDict) -> None:
     c.optim.warmup_steps = 30
     c.log_every_steps = 25
     c.checkpoint_every_steps = 100
+
+
+def simclr_colour(c: ml_collections.ConfigDict) -> None:
+    """SimCLR's jitter strengths (from color_strength), blur p 0.5 and no solarization on every
+    view: what the medical recipes (chexpert, demo) keep for every method, DINO's included."""
+    c.augment.jitter = ()
+    c.augment.view_blur_prob = (0.5, 0.5, 0.5)
+    c.augment.view_solarize_prob = (0.0, 0.0, 0.0)
 
 
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, dataset_variants: dict) -> None:
@@ -271,13 +288,14 @@ def finetune_demo(c: ml_collections.ConfigDict) -> None:
 
 
 def finetune_chexpert(c: ml_collections.ConfigDict) -> None:
-    """CheXpert, 5 competition conditions (mean AUC), U-Ones; no test labels -> validation."""
+    """CheXpert, 5 competition conditions (mean AUC), U-Ones. Chosen on validation (patients
+    held out of train.csv), reported on test (the official valid.csv)."""
     c.data.name = "chexpert"
     c.data.options.uncertainty = "u_ones"
     c.data.options.conditions = "competition"
     c.data.image_size = 224
     c.augment.rotation_degrees = 20.0  # unverified
-    c.eval_splits = ("validation",)
+    c.eval_splits = ("validation", "test")
     c.val_split = "validation"
 
 

@@ -8,7 +8,7 @@ Launch:
       --config.data.manual_dir=/data/CheXpert-v1.0-small
 Variants (comma-separated, applied in order):
   r50       DINO's ResNet-50 recipe: SGD lr 0.03 x B/256, wd 1e-4, crops (0.14,1)/(0.05,0.14),
-            teacher temperature 0.04 (no warm-up), BN in the head
+            teacher temperature 0.04 (no warm-up), BN in the head; DINO's views (below)
   vit_s16   ViT-S/16 recipe: AdamW 0.0005 x B/256, weight decay cosine 0.04 -> 0.4, teacher
             0.04 -> 0.07 over 30 epochs, out_dim 65536, last layer not normalised (as the
             released ViT-S/16)
@@ -17,6 +17,10 @@ Variants (comma-separated, applied in order):
   chexpert  CheXpert view recipe; micle  multi-instance pairing
   demo      tiny ResNet on the built-in synthetic demo data (minutes on 2 CPU cores)
 Default: the r50 recipe at batch 1024, 100 epochs.
+Views (DataAugmentationDINO): flip, jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, blur
+p 1.0 / 0.1 / 0.5 (global crop 1 / global crop 2 / local crops), solarization p 0.2 on global
+crop 2 only. chexpert and demo keep their medical recipes instead (SimCLR jitter at colour
+strength 0.5, no blur, no solarization), whatever the order of the variants.
 Linear evaluation of a DINO run uses the teacher (as DINO does); for ViTs set
 --config.model.vit_n_last_blocks=4 in configs/linear_eval.py (DINO's ViT-S protocol, 1536-d).
 """
@@ -29,6 +33,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from medssl_jax.methods.dino import dino_defaults  # noqa: E402
+
+
+def dino_views(c):
+    """DINO's per-view augmentations (Caron et al. 2021, DataAugmentationDINO; the same as
+    medssl_jax.augment's 'dino' recipe and DINO_VIEW_*, spelled out to keep configs TF-free)."""
+    c.augment.recipe = "dino"
+    c.augment.color_strength = 1.0  # unused: jitter gives the strengths
+    c.augment.jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    c.augment.color_jitter_prob = 0.8
+    c.augment.grayscale_prob = 0.2
+    c.augment.blur = True
+    c.augment.rotation_degrees = 0.0
+    c.augment.flip = True
+    c.augment.view_blur_prob = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
+    c.augment.view_solarize_prob = (0.0, 0.2, 0.0)
 
 
 def r50(c):
@@ -70,7 +89,7 @@ def demo(c):
     (sample_entropy near ln K = 6.93, the collapse guard warns); linear eval beats random
     weights in 3/3 seeds on validation and test top-1, in seed 1 only barely.
     """
-    common.demo(c)
+    common.demo(c)  # its medical views (no blur, colour strength 0.5), not DINO's
     common.multi_crop(c, num_local=4, local_size=32)
     c.crops.global_area = (0.4, 1.0)  # as configs/swav.py:demo (small lesions)
     c.crops.local_area = (0.1, 0.4)
@@ -98,6 +117,7 @@ def get_config(arg: str | None = None):
     c.data.image_size = 224
     c.batch_size = 1024
     c.num_epochs = 100.0
+    dino_views(c)  # before the variants: chexpert and demo replace them with their own
     r50(c)
     common.apply_args(
         c,

@@ -55,7 +55,22 @@ _CROP_MAX_ATTEMPTS = 100
 
 # pretrain_view keywords of each half (see split_view_kwargs).
 _GEOMETRY_KEYS = ("rotation_degrees", "flip", "area_range")
-_COLOR_KEYS = ("color_strength", "blur", "grayscale_prob", "color_jitter_prob")
+_COLOR_KEYS = (
+    "color_strength",
+    "blur",
+    "grayscale_prob",
+    "color_jitter_prob",
+    "jitter",
+    "blur_prob",
+    "solarize_prob",
+)
+
+# DINO's per-view probabilities (global crop 1, global crop 2, local crops): blur and, after it,
+# solarization (Caron et al. 2021, DataAugmentationDINO). The input pipeline takes them as
+# config.augment.view_blur_prob / view_solarize_prob and passes each view's as blur_prob /
+# solarize_prob.
+DINO_VIEW_BLUR_PROB = (1.0, 0.1, 0.5)
+DINO_VIEW_SOLARIZE_PROB = (0.0, 0.2, 0.0)
 
 _RECIPES: dict[str, dict[str, Any]] = {
     # Standard SimCLR set (also used for dermatology in Azizi et al.).
@@ -72,6 +87,18 @@ _RECIPES: dict[str, dict[str, Any]] = {
         color_strength=0.5,
         blur=False,
         rotation_degrees=45.0,
+        flip=True,
+        grayscale_prob=0.2,
+        color_jitter_prob=0.8,
+    ),
+    # DINO (Caron et al. 2021): weaker jitter (brightness, contrast, saturation, hue), p 0.8;
+    # blur and solarization probabilities differ per view (DINO_VIEW_*; 0.5 and 0 here, those
+    # of its local crops).
+    "dino": dict(
+        color_strength=1.0,
+        jitter=(0.4, 0.4, 0.2, 0.1),
+        blur=True,
+        rotation_degrees=0.0,
         flip=True,
         grayscale_prob=0.2,
         color_jitter_prob=0.8,
@@ -254,11 +281,15 @@ def pretrain_view(
     grayscale_prob: float = 0.2,
     color_jitter_prob: float = 0.8,
     area_range: tuple[float, float] = _CROP_AREA_RANGE,
+    jitter: tuple[float, ...] = (),
+    blur_prob: float = 0.5,
+    solarize_prob: float = 0.0,
 ) -> tf.Tensor:
     """One SimCLR pretraining view of ``image`` ([H, W, 3] uint8/float) for ``seed`` ([2] int).
 
     Returns float32 ``[image_size, image_size, 3]`` in [0, 1]. ``recipe(name)`` gives the
-    keyword sets used in the paper; ``area_range`` is the crop's area fraction (multi-crop).
+    keyword sets used in the papers; ``area_range`` is the crop's area fraction (multi-crop);
+    ``jitter``, ``blur_prob``, ``solarize_prob``: see ``augment_color.color_params`` (DINO).
     Equal to ``apply_color(pretrain_geometry(...), color_params(...), ...)``.
     """
     image_size = _check_image_size(image_size)
@@ -280,6 +311,9 @@ def pretrain_view(
         blur=blur,
         grayscale_prob=grayscale_prob,
         color_jitter_prob=color_jitter_prob,
+        jitter=jitter,
+        blur_prob=blur_prob,
+        solarize_prob=solarize_prob,
     )
     return apply_color(x, params, image_size=image_size, blur=blur)
 
@@ -331,8 +365,9 @@ def eval_view(image: Any, *, image_size: int, crop_proportion: float = 0.875) ->
 
 
 def recipe(name: str) -> dict[str, Any]:
-    """Keyword arguments for ``pretrain_view``: 'simclr' (standard set, also derm) or
-    'chexpert' (Azizi et al.: no blur, colour strength 0.5, rotation up to 45 deg, flip)."""
+    """Keyword arguments for ``pretrain_view``: 'simclr' (standard set, also derm),
+    'chexpert' (Azizi et al.: no blur, colour strength 0.5, rotation up to 45 deg, flip) or
+    'dino' (Caron et al.: jitter 0.4/0.4/0.2/0.1; per-view blur/solarize in DINO_VIEW_*)."""
     if name not in _RECIPES:
         raise ValueError(f"unknown augmentation recipe {name!r}; valid: {sorted(_RECIPES)}")
     return dict(_RECIPES[name])

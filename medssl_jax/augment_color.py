@@ -1,5 +1,6 @@
 """Colour half of the SimCLR pretraining view in TensorFlow: colour jitter (random order),
-grayscale, Gaussian blur, and the colour-parameter vector that lets the half run elsewhere.
+grayscale, Gaussian blur, solarization (DINO), and the colour-parameter vector that lets the
+half run elsewhere.
 
 ``color_params`` draws every random quantity of the colour half into a ``[NUM_COLOR_PARAMS]``
 float32 vector (layout: the ``PARAM_*`` indices), and ``apply_color`` here or
@@ -15,6 +16,8 @@ Choices where SimCLR leaves freedom (documented here once):
   reflect keeps a constant image constant.
 - Contrast/saturation lower bounds are clamped at 0 like brightness (matters only for
   colour strength > 1.25); the hue delta is capped at 0.5 (a full turn of the hue circle).
+- Solarization (DINO) inverts x >= 0.5 (``color_layout.SOLARIZE_THRESHOLD``): PIL's threshold
+  128 on the uint8 value the float pixel rounds to.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from medssl_jax.color_layout import (
     PARAM_JITTER,
     PARAM_ORDER,
     PARAM_SIGMA,
+    PARAM_SOLARIZE,
+    SOLARIZE_THRESHOLD,
     blur_kernel_size,
 )
 
@@ -41,6 +46,9 @@ from medssl_jax.color_layout import (
 # unchanged); crop, flip and rotation are used by augment's geometric half.
 _CROP, _FLIP, _JITTER_APPLY, _JITTER, _GRAY, _BLUR_APPLY, _BLUR_SIGMA, _ROTATE = range(8)
 _NUM_SLOTS = 8
+# Solarization came later: its decision is drawn from fold_in(seed, _SOLARIZE_SALT), outside the
+# slots above, so that adding it left every earlier draw (and so every existing view) unchanged.
+_SOLARIZE_SALT = 12
 
 _BLUR_SIGMA_RANGE = (0.1, 2.0)
 
@@ -67,6 +75,22 @@ def _check_strength(color_strength: float) -> float:
     if not math.isfinite(s) or s < 0.0:
         raise ValueError(f"color_strength must be finite and >= 0, got {color_strength!r}")
     return s
+
+
+def _check_jitter(jitter: Any) -> tuple[float, float, float, float]:
+    """Explicit jitter strengths (brightness, contrast, saturation, hue): 4 finite numbers
+    >= 0, hue <= 0.5 (a full turn of the hue circle)."""
+    values = tuple(float(v) for v in jitter)
+    if (
+        len(values) != 4
+        or not all(math.isfinite(v) and v >= 0.0 for v in values)
+        or values[3] > 0.5
+    ):
+        raise ValueError(
+            "jitter must be () or 4 finite strengths >= 0 (brightness, contrast, saturation, "
+            f"hue <= 0.5), got {tuple(jitter)!r}"
+        )
+    return values
 
 
 def _prepare_seed(seed: Any) -> tf.Tensor:
@@ -185,6 +209,11 @@ def _jitter_strengths(strength: float) -> dict[str, float]:
     )
 
 
+def _solarize(image: tf.Tensor) -> tf.Tensor:
+    """PIL-style solarization of float [0, 1] pixels: x >= SOLARIZE_THRESHOLD -> 1 - x."""
+    return tf.where(image >= SOLARIZE_THRESHOLD, 1.0 - image, image)
+
+
 def _color_jitter_strength(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
     return color_jitter(image, seed, **_jitter_strengths(strength))
 
@@ -228,33 +257,51 @@ def color_params(
     blur: bool = True,
     grayscale_prob: float = 0.2,
     color_jitter_prob: float = 0.8,
+    jitter: tuple[float, ...] = (),
+    blur_prob: float = 0.5,
+    solarize_prob: float = 0.0,
 ) -> tf.Tensor:
     """Every random quantity of ``pretrain_view``'s colour half for ``seed`` ([2] int), as a
     float32 ``[NUM_COLOR_PARAMS]`` vector (layout: ``PARAM_*``), so the colour ops can run
     elsewhere (``augment_device.apply_color``). Draws from the same sub-seeds and with the same
     ops as ``pretrain_view`` always has, so the random stream is unchanged.
+
+    ``jitter``: () gives SimCLR's strengths from ``color_strength`` (0.8s, 0.8s, 0.8s, 0.2s);
+    else 4 explicit ones (brightness, contrast, saturation, hue; DINO: 0.4, 0.4, 0.2, 0.1).
+    ``blur_prob`` is the blur probability when ``blur``; ``solarize_prob`` that of solarizing
+    after blur (DINO's second global crop), drawn from a seed of its own.
     """
     color_strength = _check_strength(color_strength)
     grayscale_prob = _check_prob("grayscale_prob", grayscale_prob)
     color_jitter_prob = _check_prob("color_jitter_prob", color_jitter_prob)
-    seeds = tf.random.experimental.stateless_split(_prepare_seed(seed), num=_NUM_SLOTS)
+    blur_prob = _check_prob("blur_prob", blur_prob)
+    solarize_prob = _check_prob("solarize_prob", solarize_prob)
+    if len(jitter):
+        b, c, s, h = _check_jitter(jitter)
+        strengths = dict(brightness=b, contrast=c, saturation=s, hue=h)
+    else:
+        strengths = _jitter_strengths(color_strength)
+    seed = _prepare_seed(seed)
+    seeds = tf.random.experimental.stateless_split(seed, num=_NUM_SLOTS)
 
-    if color_strength > 0:
+    if any(v > 0 for v in strengths.values()):
         jitter_on = _random_decision(color_jitter_prob, seeds[_JITTER_APPLY])
     else:
         jitter_on = tf.constant(0.0, tf.float32)
-    factors, order = _jitter_factors(seeds[_JITTER], **_jitter_strengths(color_strength))
+    factors, order = _jitter_factors(seeds[_JITTER], **strengths)
     gray_on = _random_decision(grayscale_prob, seeds[_GRAY])
-    blur_on = _random_decision(0.5 if blur else 0.0, seeds[_BLUR_APPLY])
+    blur_on = _random_decision(blur_prob if blur else 0.0, seeds[_BLUR_APPLY])
     sigma = tf.random.stateless_uniform(
         [], seed=seeds[_BLUR_SIGMA], minval=_BLUR_SIGMA_RANGE[0], maxval=_BLUR_SIGMA_RANGE[1]
     )
+    solarize_seed = tf.random.experimental.stateless_fold_in(seed, _SOLARIZE_SALT)
+    solarize_on = _random_decision(solarize_prob, solarize_seed)
     params = tf.concat(
         [
             jitter_on[None],
             factors,
             tf.cast(order, tf.float32),
-            tf.stack([gray_on, blur_on, sigma]),
+            tf.stack([gray_on, blur_on, sigma, solarize_on]),
         ],
         axis=0,
     )
@@ -264,7 +311,8 @@ def color_params(
 def apply_color(image: Any, params: Any, *, image_size: int, blur: bool) -> tf.Tensor:
     """Colour half of ``pretrain_view`` driven by ``params`` (from ``color_params``): jitter in
     the given order if flagged, grayscale if flagged, Gaussian blur if ``blur`` and flagged,
-    clip. ``image`` float32 [image_size, image_size, 3] in [0, 1] -> same shape in [0, 1].
+    solarization if flagged, clip. ``image`` float32 [image_size, image_size, 3] in [0, 1] ->
+    same shape in [0, 1].
     """
     image_size = _check_image_size(image_size)
     params = tf.ensure_shape(tf.convert_to_tensor(params, tf.float32), [NUM_COLOR_PARAMS])
@@ -281,5 +329,6 @@ def apply_color(image: Any, params: Any, *, image_size: int, blur: bool) -> tf.T
             lambda: gaussian_blur(x, ksize, params[PARAM_SIGMA]),
             lambda: x,
         )
+    x = tf.cond(params[PARAM_SOLARIZE] > 0.5, lambda: _solarize(x), lambda: x)
     x = tf.clip_by_value(x, 0.0, 1.0)
     return tf.ensure_shape(x, [image_size, image_size, 3])

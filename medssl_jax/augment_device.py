@@ -27,6 +27,8 @@ from medssl_jax.color_layout import (
     PARAM_ORDER,
     PARAM_SATURATION,
     PARAM_SIGMA,
+    PARAM_SOLARIZE,
+    SOLARIZE_THRESHOLD,
     blur_kernel_size,
 )
 
@@ -200,8 +202,9 @@ def _gaussian_blur(x: jax.Array, kernel_size: int, sigma: jax.Array) -> jax.Arra
 def apply_color(images: jax.Array, params: jax.Array, *, image_size: int, blur: bool) -> jax.Array:
     """JAX twin of ``augment_color.apply_color``: jitter (in the given order) where flagged,
     grayscale where flagged, Gaussian blur (kernel ``blur_kernel_size(image_size)``) where
-    ``blur`` and flagged, final clip. images float32 [..., S, S, 3] in [0, 1]; params float32
-    [..., NUM_COLOR_PARAMS] with the same leading dims; returns float32 [..., S, S, 3].
+    ``blur`` and flagged, solarization (x >= 0.5 -> 1 - x) where flagged, final clip. images
+    float32 [..., S, S, 3] in [0, 1]; params float32 [..., NUM_COLOR_PARAMS] with the same
+    leading dims; returns float32 [..., S, S, 3].
     """
     images = jnp.asarray(images, _F32)
     params = jnp.asarray(params, _F32)
@@ -223,6 +226,8 @@ def apply_color(images: jax.Array, params: jax.Array, *, image_size: int, blur: 
     if blur:
         blurred = _gaussian_blur(x, blur_kernel_size(image_size), params[..., PARAM_SIGMA])
         x = jnp.where(flag(PARAM_BLUR), blurred, x)
+    solarized = jnp.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
+    x = jnp.where(flag(PARAM_SOLARIZE), solarized, x)
     return jnp.clip(x, 0.0, 1.0)
 
 

@@ -17,7 +17,13 @@ PARAM_ORDER = 5  # 4 slots [5, 9): jitter op order, a permutation of 0..3
 PARAM_GRAY = 9  # grayscale applied
 PARAM_BLUR = 10  # Gaussian blur applied
 PARAM_SIGMA = 11  # blur sigma (drawn even when blur is off; unused then)
-NUM_COLOR_PARAMS = 12
+PARAM_SOLARIZE = 12  # solarization applied (after blur; DINO's second global crop)
+NUM_COLOR_PARAMS = 13
+
+# Solarization inverts pixels at or above this level (x -> 1 - x). PIL's ImageOps.solarize
+# (threshold 128) on uint8 inverts v >= 128; on x = v / 255 that is x >= 127.5 / 255 = 0.5,
+# which also makes a float pixel solarize iff it rounds to a uint8 value >= 128.
+SOLARIZE_THRESHOLD = 0.5
 
 
 def blur_kernel_size(image_size: int) -> int:

@@ -6,6 +6,7 @@ seconds with a message naming the offending field.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -25,6 +26,9 @@ AUGMENT_KEYS = (
     "flip",
     "grayscale_prob",
     "color_jitter_prob",
+    "jitter",  # () = SimCLR's from color_strength; else brightness, contrast, saturation, hue
+    "view_blur_prob",  # per view kind: global crop 1, global crop 2, local crops
+    "view_solarize_prob",
 )
 
 
@@ -150,6 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(
             isinstance(on_device, bool), "augment.on_device", f"must be a bool, got {on_device!r}"
         )
+        _validate_view_colour(config.augment, _require)
         _require("sampler" in config, "sampler", "missing (multi_instance, same_patient)")
         sp = config.sampler.same_patient
         _require(sp in SAME_PATIENT, "sampler.same_patient", f"{sp!r} not in {SAME_PATIENT}")
@@ -166,6 +171,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if path:
         _require(paths.path(path).exists(), "init_checkpoint", f"{path!r} does not exist")
         _validate_converted(config, path)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_view_colour(augment: ml_collections.ConfigDict, require) -> None:
+    """augment.jitter: () or 4 strengths (finite, >= 0, hue <= 0.5); view_blur_prob and
+    view_solarize_prob: 3 probabilities (global crop 1, global crop 2, local crops)."""
+    jitter = augment.jitter
+    require(
+        isinstance(jitter, (tuple, list))
+        and len(jitter) in (0, 4)
+        and all(_is_number(v) and v >= 0 for v in jitter)
+        and (not jitter or jitter[3] <= 0.5),
+        "augment.jitter",
+        "must be () (SimCLR's strengths from color_strength) or 4 finite strengths >= 0 "
+        f"(brightness, contrast, saturation, hue <= 0.5), got {jitter!r}",
+    )
+    for key in ("view_blur_prob", "view_solarize_prob"):
+        probs = augment[key]
+        require(
+            isinstance(probs, (tuple, list))
+            and len(probs) == 3
+            and all(_is_number(p) and 0.0 <= p <= 1.0 for p in probs),
+            f"augment.{key}",
+            "must be 3 probabilities in [0, 1] (global crop 1, global crop 2, local crops), "
+            f"got {probs!r}",
+        )
 
 
 def _validate_sampler(sampler: ml_collections.ConfigDict, require) -> None:

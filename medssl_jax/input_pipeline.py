@@ -17,7 +17,8 @@ uint8 (4x fewer bytes to the accelerator than float32; the step converts them):
   'case_index' int64 [B] and 'pair' int32 [B, 2] (which images of the case; for tests/debug).
   With `color_on_device` the views are only cropped/rotated/flipped here and 'color_params'
   float32 [B, 2 + N, augment_color.NUM_COLOR_PARAMS] carries each view's colour/blur draws for
-  `augment_device.device_views`.
+  `augment_device.device_views`. Blur and solarization probabilities may differ per view (DINO):
+  `aug`'s 'view_blur_prob' / 'view_solarize_prob' (global crop 1, global crop 2, local crops).
   fine-tuning / evaluation: 'image' uint8 [B, S, S, 3].
 """
 
@@ -164,7 +165,10 @@ def pretrain_dataset(
     """Infinite pretraining batches from `start_step` on: the crops `views` declares, of one
     image per example or (multi_instance) of two distinct images of one case; with
     `color_on_device`, without their colour/blur stage (see the module docstring).
-    `distinct_prob` and `image_items`: see `pretrain_elements` (config.sampler)."""
+    `distinct_prob` and `image_items`: see `pretrain_elements` (config.sampler). `aug`: the
+    `augment.pretrain_view` keywords, plus optional 'view_blur_prob' and 'view_solarize_prob'
+    (3 probabilities each: global crop 1, global crop 2, every local crop), which become each
+    view's `blur_prob` / `solarize_prob`."""
     # Epochs over cases (multi-instance) or over images (rows of the store's per-image arrays).
     by_case = multi_instance and not image_items
     num_items = store.num_cases if by_case else store.num_images
@@ -202,6 +206,7 @@ def pretrain_dataset(
         **_label_signature(store.spec),
     }
     view_kwargs = dict(aug)
+    per_view = _per_view_probs(view_kwargs)  # pops the view_* keys
     geometry_kwargs, color_kwargs = augment.split_view_kwargs(view_kwargs)
     g, loc = views.global_crops, views.local_crops
     n_local = views.num_local
@@ -216,13 +221,19 @@ def pretrain_dataset(
         params = []
 
         def crop(img, i, c):
+            probs = per_view[min(i, 2)]  # view 0, view 1, then every local crop
             if not color_on_device:
                 return to_uint8(
                     augment.pretrain_view(
-                        img, seeds[i], image_size=c.size, area_range=c.area_range, **view_kwargs
+                        img,
+                        seeds[i],
+                        image_size=c.size,
+                        area_range=c.area_range,
+                        **view_kwargs,
+                        **probs,
                     )
                 )
-            params.append(augment_color.color_params(seeds[i], **color_kwargs))
+            params.append(augment_color.color_params(seeds[i], **color_kwargs, **probs))
             x = augment.pretrain_geometry(
                 img, seeds[i], image_size=c.size, area_range=c.area_range, **geometry_kwargs
             )
@@ -240,6 +251,24 @@ def pretrain_dataset(
     ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
     return ds, sched
+
+
+def _per_view_probs(kwargs: dict[str, Any]) -> list[dict[str, float]]:
+    """Pops 'view_blur_prob' / 'view_solarize_prob' (3-tuples: global crop 1, global crop 2,
+    local crops) from `kwargs` and returns the 3 view kinds' `blur_prob` / `solarize_prob`
+    keywords; a key that is absent adds nothing (`color_params`' default or `kwargs`' own)."""
+    out: list[dict[str, float]] = [{}, {}, {}]
+    for key, name in (("view_blur_prob", "blur_prob"), ("view_solarize_prob", "solarize_prob")):
+        if key not in kwargs:
+            continue
+        probs = tuple(float(p) for p in kwargs.pop(key))
+        if len(probs) != 3:
+            raise ValueError(f"{key} must hold 3 probabilities, got {probs!r}")
+        if name in kwargs:
+            raise ValueError(f"give {key} or {name}, not both")
+        for kind, p in enumerate(probs):
+            out[kind][name] = p
+    return out
 
 
 def finetune_dataset(

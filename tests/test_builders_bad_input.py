@@ -237,7 +237,7 @@ def test_chexpert_skip_via_config(tmp_path):
     n = line_of(root / "valid.csv", "patient64542/study1/view1_frontal.jpg")
     [skipped] = b.info.metadata["skipped_rows"]
     assert skipped["file"] == str(root / "valid.csv") and skipped["row"] == n
-    assert b.info.splits["validation"].num_examples == 1  # that study had one image
+    assert b.info.splits["test"].num_examples == 1  # valid.csv: that study had one image
 
 
 # ----------------------------------------------------------------------------- pad / derm

@@ -23,7 +23,7 @@ import data_builders.derm_csv as derm
 import data_builders.ham10000 as ham
 import data_builders.image_folder_unlabeled as ifu
 import data_builders.pad_ufes20 as pad
-from medssl_jax.data_splits import patient_split
+from medssl_jax.data_splits import patient_split, stable_unit_hash
 
 BUILDERS = pathlib.Path(__file__).resolve().parents[1] / "data_builders"
 NAMES = ("chexpert", "ham10000", "pad_ufes20", "derm_csv", "image_folder_unlabeled")
@@ -85,10 +85,17 @@ def chexpert_reference() -> dict[str, dict]:
     """image_id -> parsed CSV row (independent of the builder)."""
     root = DUMMY["chexpert"] / "CheXpert-v1.0-small"
     out = {}
-    for split, name in (("train", "train.csv"), ("validation", "valid.csv")):
+    for split, name in (("train", "train.csv"), ("test", "valid.csv")):
         for row in csv_rows(root / name):
             image_id = row["Path"].split("/", 1)[1]
             out[image_id] = {**row, "split": split}
+    # Validation: train.csv's patients whose hash is under 1%; none in 7, so the lowest hash.
+    train_patients = {i.split("/")[1] for i, r in out.items() if r["split"] == "train"}
+    h = {p: stable_unit_hash(p, "chexpert/validation") for p in train_patients}
+    held = {p for p in h if h[p] < 0.01} or {min(h, key=h.__getitem__)}
+    for image_id, row in out.items():
+        if image_id.split("/")[1] in held:
+            row["split"] = "validation"
     return out
 
 
@@ -108,8 +115,9 @@ def test_chexpert_study_cases_match_csv(chexpert_study):
     ref = chexpert_reference()
     studies = collections.Counter((r["split"], "/".join(i.split("/")[1:3])) for i, r in ref.items())
     assert {s: len(e) for s, e in splits.items()} == {
-        s: len({k for (sp, k) in studies if sp == s}) for s in ("train", "validation")
+        s: len({k for (sp, k) in studies if sp == s}) for s in ("train", "validation", "test")
     }
+    assert all(splits[s] for s in ("train", "validation", "test"))
     seen_states = set()
     n_images = 0
     for split, exs in splits.items():
@@ -144,7 +152,7 @@ def test_chexpert_patient_config(data_dir):
     b = build(chx.Chexpert, data_dir, DUMMY["chexpert"], config="patient")
     splits = read_all(b)
     ref = chexpert_reference()
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         patients = collections.Counter(
             i.split("/")[1] for i, r in ref.items() if r["split"] == split
         )
@@ -219,7 +227,7 @@ def test_chexpert_full_size_layout(tmp_path):
         p = root / name
         p.write_text(p.read_text().replace("CheXpert-v1.0-small/", "CheXpert-v1.0/"))
     b = build(chx.Chexpert, tmp_path / "data", root)
-    assert b.info.splits["train"].num_examples == len(
+    assert b.info.splits["train"].num_examples + b.info.splits["validation"].num_examples == len(
         {"/".join(r["Path"].split("/")[2:4]) for r in csv_rows(root / "train.csv")}
     )
 

@@ -5,13 +5,17 @@ Reads the released layout of `CheXpert-v1.0-small` or the full-size `CheXpert-v1
 `FINDING_STATES`: 0 negative (CSV 0.0), 1 positive (1.0), 2 uncertain (-1.0), 3 not_mentioned
 (blank)); the uncertainty policy and the condition set are READ-TIME options of
 `read_transform` (labels.py), so one prepared dataset serves every policy.
+
+Splits: train and validation (1% of train.csv's patients, held out by a stable patient hash,
+for choosing checkpoints), and test = the official valid.csv (what papers report; chosen on it,
+a result would be optimistic).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,7 @@ from etils import epath
 from tensorflow_datasets.core import registered
 
 from data_builders import case_builder, common
+from medssl_jax.data_splits import stable_unit_hash
 
 # CSV column order of the 14 findings, and their feature keys.
 FINDINGS: tuple[str, ...] = (
@@ -55,7 +60,13 @@ _PATH = re.compile(
     r"^(?:[^/]+/)?(train|valid)/(patient\d+)/(study\d+)/(view\d+_(?:frontal|lateral)\.jpg)$"
 )
 _ROOT_NAMES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
-_CSV_OF_SPLIT = {"train": ("train.csv", "train"), "validation": ("valid.csv", "valid")}
+# valid.csv (200 patients, radiologist consensus labels) is the labelled set papers report on,
+# so it is the test split; checkpoints are chosen on "validation", patients held out of
+# train.csv (chosen on the reported split, a result would be optimistic).
+_CSV_OF_SPLIT = {"train": ("train.csv", "train"), "test": ("valid.csv", "valid")}
+SPLITS = ("train", "validation", "test")
+VALIDATION_FRACTION = 0.01  # of train.csv's patients: ~650 of 64,540, ~2,200 images
+_VALIDATION_SALT = "chexpert/validation"
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Register and download CheXpert from https://stanfordmlgroup.github.io/competitions/chexpert/
@@ -80,8 +91,11 @@ class Chexpert(case_builder.CaseBuilder, skip_registration=True):
     """CheXpert chest X-rays grouped into cases, all 14 findings with their 4 states."""
 
     name = "chexpert"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Case-level (study/patient) CheXpert with 4-state findings."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Case-level (study/patient) CheXpert with 4-state findings.",
+        "1.1.0": "valid.csv is the test split; validation = 1% of train.csv's patients.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         ChexpertConfig(name="study", case_level="study", description="One case per study."),
@@ -132,7 +146,11 @@ class Chexpert(case_builder.CaseBuilder, skip_registration=True):
         cases = common.group_cases(rows, log)
         log.check("reading the CSV files")
         cases = common.validate_case_images(cases, log)
-        splits = common.cases_by_split(cases, list(_CSV_OF_SPLIT))
+        held_out = validation_patients(c.patient_id for c in cases if c.split == "train")
+        for c in cases:
+            if c.split == "train" and c.patient_id in held_out:
+                c.split = "validation"
+        splits = common.cases_by_split(cases, SPLITS)
         return self.finish(log, splits, root=str(root), case_level=level)
 
     def _generate_examples(self, cases: Sequence[common.Case]) -> Iterator[tuple[str, dict]]:
@@ -157,6 +175,15 @@ def find_root(manual_dir: epath.Path) -> epath.Path:
         f"chexpert: no train.csv + valid.csv in {manual_dir} or its {list(_ROOT_NAMES)} "
         f"sub-folders.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}"
     )
+
+
+def validation_patients(patient_ids: Iterable[str]) -> set[str]:
+    """The train.csv patients held out as the validation split: those whose stable hash falls
+    below VALIDATION_FRACTION or, on a set too small to have one there, the lowest hash."""
+    ids = sorted(set(patient_ids))
+    h = {p: stable_unit_hash(p, _VALIDATION_SALT) for p in ids}
+    chosen = {p for p in ids if h[p] < VALIDATION_FRACTION}
+    return chosen or ({min(ids, key=h.__getitem__)} if ids else set())
 
 
 def parse_row(
