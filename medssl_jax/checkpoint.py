@@ -304,17 +304,26 @@ def reported_best_step(path: str) -> int | None:
         mngr.close()
 
 
+def _restore_on_host(mngr: ocp.CheckpointManager, step: int, item: str) -> Any:
+    """`item` of `step` as host NumPy, restored onto one local device whatever topology saved
+    it (a pod's run warm-starts fine-tuning on a single GPU or a laptop); closes `mngr`."""
+    try:
+        tree = mngr.item_metadata(step)[item]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+        )
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+        return jax.device_get(mngr.restore(step, args=args)[item])
+    finally:
+        mngr.close()
+
+
 def _load_best(path: str, step: int) -> tuple[dict, dict, int]:
-    directory = orbax_path(path) / "best"
     mngr = ocp.CheckpointManager(
-        directory, item_handlers={"variables": ocp.StandardCheckpointHandler()}
+        orbax_path(path) / "best", item_handlers={"variables": ocp.StandardCheckpointHandler()}
     )
-    tree = mngr.item_metadata(step)["variables"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    v = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
-    mngr.close()
-    v = jax.device_get(v.variables)
+    v = _restore_on_host(mngr, step, "variables")
     logging.info(
         "%s: using best/%d, the validation-selected weights results.json reports", path, step
     )
@@ -333,14 +342,7 @@ def load_variables(path: str) -> tuple[dict, dict, int]:
     if best is not None:
         return _load_best(path, best)
     mngr, step = _checkpoint_dir(path)
-    # Restore onto one local device whatever topology saved it (a pod's pretraining run
-    # warm-starts fine-tuning on a single GPU or a laptop).
-    tree = mngr.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    mngr.close()
-    state = jax.device_get(restored.state)
+    state = _restore_on_host(mngr, step, "state")
     teacher = (state.get("extra") or {}).get("teacher")
     if teacher:
         logging.info("%s holds an EMA teacher: using the teacher's weights", path)
