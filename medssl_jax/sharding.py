@@ -15,8 +15,12 @@ FSDP_MIN_SIZE = 2**14  # arrays with fewer elements stay replicated under FSDP
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D Mesh('data') over all devices of all processes (or the given ones)."""
+    """A 1-D Mesh('data') over all devices of all processes (or the given ones), each
+    process's devices side by side (a stable sort by process): process p's rows of a global
+    batch are then rows [p * local, (p + 1) * local), as eval_loop and the pipeline assume,
+    whatever order jax lists the devices in."""
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: d.process_index)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

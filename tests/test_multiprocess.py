@@ -127,3 +127,22 @@ def test_input_pipeline_of_two_processes_splits_patients_and_fills_both_halves(t
         assert all(int(k) % 2 == 1 for k in b["patient_key"])
         keys = np.concatenate([a["patient_key"], b["patient_key"]]).tolist()
         assert len(set(keys)) == len(keys)
+
+
+def test_mesh_puts_each_process_devices_side_by_side():
+    """Process p's local batch becomes global rows [p * local, (p + 1) * local) only if its
+    devices are contiguous in the mesh (eval_loop and the input pipeline rely on it), even when
+    jax lists devices interleaved (stand-ins: 2 processes x 4 devices, ids alternating)."""
+    import dataclasses
+
+    from medssl_jax import sharding
+
+    @dataclasses.dataclass(frozen=True)
+    class Device:
+        id: int
+        process_index: int
+
+    listed = [Device(i, i % 2) for i in range(8)]
+    mesh = sharding.make_mesh(listed)
+    assert [d.process_index for d in mesh.devices] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [d.id for d in mesh.devices] == [0, 2, 4, 6, 1, 3, 5, 7]  # order kept within one
