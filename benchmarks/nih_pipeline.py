@@ -87,7 +87,8 @@ def summarise(root: str, bootstrap: int) -> dict:
                     epoch_unit=res[0]["epoch_unit"],
                     steps=res[0]["total_steps"],
                     **{
-                        k: float(np.mean([f[k] for f in final]))
+                        # null: undefined (NaN) in strict JSON
+                        k: float(np.mean([np.nan if f[k] is None else f[k] for f in final]))
                         for k in ("epoch", "contrastive_acc", "distinct_pairs", "loss")
                         if all(k in f for f in final)
                     },

@@ -411,8 +411,9 @@ def _check_same(target: Any, source: Any, where: str) -> Any:
 
 
 def warm_start(state: Any, path: str, parts: tuple[str, ...], proj_layers: int | None = None):
-    """`state` (a TrainState) with `parts` of its params and batch_stats taken from the latest
-    checkpoint at `path`; step and optimiser untouched (they start fresh).
+    """`state` (a TrainState) with `parts` of its params and batch_stats taken from the run at
+    `path` (`load_variables`: its latest checkpoint, or a finished fine-tune's best/); step and
+    optimiser untouched (they start fresh).
 
     A converted release (converted.json) restores the requested parts it holds; the others
     (e.g. the projection head of a SimCLRv1 or DINO file) keep their random init, logged.

@@ -58,7 +58,6 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -388,15 +387,13 @@ def load(
     # Prepare first: builders such as derm_csv learn their class names from the data. With
     # several processes, process 0 prepares while the others wait (a shared data_dir written
     # by all at once fails); then they find it prepared, or build their own on local disks.
-    first = jax.process_index() == 0
-    if not first:
-        sharding.barrier(f"prepare {name}")
-    builder = make_builder(name, data_dir, skip_bad_rows=skip_bad_rows)
-    try:
+
+    def prepared() -> tfds.core.DatasetBuilder:
+        builder = make_builder(name, data_dir, skip_bad_rows=skip_bad_rows)
         prepare(builder, manual_dir, data_dir)
-    finally:
-        if first:
-            sharding.barrier(f"prepare {name}")
+        return builder
+
+    builder = sharding.first_then_others(f"prepare dataset {name!r}", prepared)
     fn, fields = _resolve_transform(module, options, builder.info)
     _check_split(builder, split)
 

@@ -424,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             {k: round(v, 4) for k, v in split_results[split].items() if "/" not in k},
             dict(zip(names, np.round(attention[split], 3), strict=True)),
         )
-    join_process_shards(workdir, list(preds.values()), pidx, pcount)
+    join_process_shards(workdir, list(preds.values()), pcount)
     eval_writer.flush()
     results = {
         "kind": "finetune" if end_to_end else "linear_eval",

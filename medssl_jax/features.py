@@ -43,9 +43,18 @@ class Encoder:
     step: int
     model: dict[str, Any]  # variant, input_norm, torch_maxpool, cifar_stem, vit_avgpool
     vit_n_last_blocks: int = 4
+    # 'best': a finished fine-tune's validation-selected best/ (what load_variables gives and
+    # its results.json reports), 'latest': the newest checkpoint (or a converted release).
+    weights: str = "latest"
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "checkpoint": self.checkpoint, "step": self.step, **self.model}
+        return {
+            "name": self.name,
+            "checkpoint": self.checkpoint,
+            "step": self.step,
+            "weights": self.weights,
+            **self.model,
+        }
 
 
 def parse_encoders(spec: str, field: str = "dvme.encoders") -> list[tuple[str, str]]:
@@ -86,7 +95,14 @@ def encoder_from_checkpoint(name: str, path: str, field: str = "dvme.encoders") 
                 "its model variant (not a pretraining run of this project or a converted release)"
             )
         model = {k: model_cfg[k] for k in _MODEL_FIELDS if k in model_cfg}
-    return Encoder(name=name, checkpoint=ckpt_lib.absolute(path), step=step, model=model)
+    best = None if info is not None else ckpt_lib.reported_best_step(path)
+    return Encoder(
+        name=name,
+        checkpoint=ckpt_lib.absolute(path),
+        step=step if best is None else best,
+        model=model,
+        weights="latest" if best is None else "best",
+    )
 
 
 def _cache_key(encoder: Encoder, store: CaseStore, image_size: int) -> str:

@@ -409,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             [a for a, _ in t.names],
             {k: round(v, 4) for k, v in m.items() if "/" not in k},
         )
-    join_process_shards(workdir, list(predictions.values()), pidx, pcount)
+    join_process_shards(workdir, list(predictions.values()), pcount)
     eval_writer.flush()
     results = {
         "kind": config.method,

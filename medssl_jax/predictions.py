@@ -132,7 +132,7 @@ def shard_name(name: str, process_index: int, process_count: int) -> str:
 
 
 def join_process_shards(
-    folder: str | os.PathLike, names: Sequence[str], process_index: int, process_count: int
+    folder: str | os.PathLike, names: Sequence[str], process_count: int
 ) -> None:
     """With several processes, each wrote its rows of every CSV in `names` to `shard_name`;
     once all have, process 0 joins them (in process order) into `names` and removes the shards:
@@ -141,20 +141,21 @@ def join_process_shards(
         return
     from medssl_jax import sharding
 
-    sharding.barrier("prediction shards written")
-    if process_index == 0:
-        folder = paths.path(folder)
+    def join() -> None:
+        folder_ = paths.path(folder)
         for name in names:
-            shards = [folder / shard_name(name, i, process_count) for i in range(process_count)]
+            shards = [folder_ / shard_name(name, i, process_count) for i in range(process_count)]
             texts = [s.read_text(encoding="utf-8").splitlines(keepends=True) for s in shards]
             for s, t in zip(shards[1:], texts[1:], strict=True):
                 if t[:1] != texts[0][:1]:
                     raise ValueError(f"{s}: header differs from {shards[0]}'s")
             rows = [line for t in texts for line in t[1:]]
-            (folder / name).write_text("".join(texts[0][:1] + rows), encoding="utf-8")
+            (folder_ / name).write_text("".join(texts[0][:1] + rows), encoding="utf-8")
             for s in shards:
                 s.unlink()
-    sharding.barrier("prediction shards joined")
+
+    sharding.barrier("prediction shards written")
+    sharding.first_then_others("join the prediction CSVs", join, others=lambda: None)
 
 
 def read_predictions_csv(path: str | os.PathLike) -> Predictions:

@@ -3,8 +3,8 @@ replicated (data parallelism) or, with FSDP, its large arrays are split on 'data
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 FSDP_MIN_SIZE = 2**14  # arrays with fewer elements stay replicated under FSDP
+T = TypeVar("T")
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -94,25 +95,61 @@ def abstract_with(tree: Any, shardings: Any) -> Any:
 
 
 _BARRIERS: dict[str, int] = {}
+_DAY_MS = 24 * 3600 * 1000
+
+
+def process_ids() -> tuple[int, int]:
+    """(this process, number of processes) from jax.distributed's state, without starting a
+    backend (data-only tools such as `prepare` must not claim the accelerator); (0, 1) when
+    jax.distributed is not initialised."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    if state.client is None:
+        return 0, 1
+    return int(state.process_id), int(state.num_processes)
+
+
+def _unique(name: str) -> str:
+    _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+    return f"{name}#{_BARRIERS[name]}"
 
 
 def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
     """All processes meet here (nothing with one process). The coordination service's barrier
     waits up to `timeout_s`: what the others wait for (a dataset being prepared) can take
     longer than a collective's time-out. Every process must call it in the same order."""
-    if jax.process_count() == 1:
+    if process_ids()[1] == 1:
         return
-    _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
-    unique = f"{name}#{_BARRIERS[name]}"
-    from jax._src import distributed  # the client jax.distributed.initialize made
+    from jax._src import distributed
 
-    client = distributed.global_state.client
-    if client is None:
-        from jax.experimental import multihost_utils
+    distributed.global_state.client.wait_at_barrier(_unique(name), int(timeout_s * 1000))
 
-        multihost_utils.sync_global_devices(unique)
-    else:
-        client.wait_at_barrier(unique, timeout_in_ms=int(timeout_s * 1000))
+
+def first_then_others(name: str, fn: Callable[[], T], others: Callable[[], T] | None = None) -> T:
+    """`fn()` on process 0, then, once it has finished, `others()` (default `fn`) on the rest:
+    e.g. preparing a dataset in a folder they share. If it failed on process 0 the others raise
+    naming that error rather than run (or wait forever). One process: `fn()`."""
+    pid, count = process_ids()
+    if count == 1:
+        return fn()
+    from jax._src import distributed
+
+    client, key = distributed.global_state.client, _unique(f"status {name}")
+    if pid == 0:
+        try:
+            out = fn()
+        except BaseException as e:
+            client.key_value_set(
+                key, f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            )
+            raise
+        client.key_value_set(key, "ok")
+        return out
+    status = client.blocking_key_value_get(key, _DAY_MS)
+    if status != "ok":
+        raise RuntimeError(f"process 0 could not {name}: {status.removeprefix('failed: ')}")
+    return (others or fn)()
 
 
 def all_processes(flag: bool) -> bool:

@@ -120,6 +120,33 @@ warm = checkpoint.warm_start(state, out + "_source", ("backbone",))
 got, want = multihost_utils.process_allgather(
     (warm.params["backbone"], src_state.params["backbone"]), tiled=True
 )
+# first_then_others: the others run only after process 0 finished, and raise (not hang, not
+# run) when it failed; each process records what happened to it.
+flag = out + "_first_done"
+
+
+def first_or_after():
+    if jax.process_index() == 0:
+        import time
+
+        time.sleep(1)
+        open(flag, "w").close()
+        return "first"
+    return "after" if os.path.exists(flag) else "too early"
+
+
+def fail_on_first():
+    raise ValueError("disk full")
+
+
+outcome = [sharding.first_then_others("order check", first_or_after)]
+try:
+    sharding.first_then_others("fail check", fail_on_first)
+    outcome.append("ran")
+except (ValueError, RuntimeError) as e:
+    outcome.append(f"{type(e).__name__}: {e}")
+with open(f"{out}_outcome{jax.process_index()}.json", "w") as f:
+    json.dump(outcome, f)
 results["all_processes"] = [
     sharding.all_processes(True),
     sharding.all_processes(jax.process_index() == 0),

@@ -44,14 +44,22 @@ def test_a_finished_finetune_stands_for_its_validation_selected_weights(tmp_path
 
     ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, async_save=False)
     best = BestKeeper(str(tmp_path), "validation", "top1")
+    meta = {"config": {"model": {"variant": "r18_0.125x_sk0"}}}
     for step, top1 in ((2, 0.9), (6, 0.5)):
-        ck.save(step, state(step), {}, force=True)
+        ck.save(step, state(step), meta, force=True)
         best.offer(step, {"top1": top1}, state(step))
     ck.close()
+    from medssl_jax.features import encoder_from_checkpoint
+
     assert checkpoint.load_variables(str(tmp_path))[2] == 6  # running: no results.json yet
+    latest = encoder_from_checkpoint("ft", str(tmp_path))
+    assert (latest.step, latest.weights) == (6, "latest")
     (tmp_path / "results.json").write_text(json.dumps({"kind": "finetune", "step": 2}))
     params, stats, step = checkpoint.load_variables(str(tmp_path))
     assert step == 2 == checkpoint.reported_best_step(str(tmp_path))
+    # DVME's encoder record (results.json, feature-cache key) names the weights it loads.
+    best = encoder_from_checkpoint("ft", str(tmp_path))
+    assert (best.step, best.weights) == (2, "best") and best.describe() != latest.describe()
     np.testing.assert_array_equal(params["head"]["kernel"], np.full((2, 3), 2, np.float32))
     np.testing.assert_array_equal(stats["bn"]["mean"], np.full((3,), 2, np.float32))
     # Selected on "last step" (or stopped early): results.json names a step best/ does not hold.

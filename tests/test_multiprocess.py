@@ -59,6 +59,12 @@ def test_two_processes_match_one_device(tmp_path):
     assert single.pop("fsdp_warm_start")["backbone_equal"]
     # Both processes loaded the demo set prepared once into a shared fresh data_dir, and
     # between them hold all of its cases (patients split between them).
+    outcome = [json.loads((tmp_path / f"multi_outcome{p}.json").read_text()) for p in (0, 1)]
+    assert outcome[0] == ["first", "ValueError: disk full"], outcome
+    assert outcome[1] == [
+        "after",
+        "RuntimeError: process 0 could not fail check: ValueError: disk full",
+    ]
     assert single.pop("all_processes") == [True, True]
     assert multi.pop("all_processes") == [True, False]  # process 1's False reaches process 0
     (n_all,), halves = single.pop("demo_cases"), multi.pop("demo_cases")

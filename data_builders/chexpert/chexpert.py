@@ -179,8 +179,11 @@ def find_root(manual_dir: epath.Path) -> epath.Path:
 
 def validation_patients(patient_ids: Iterable[str]) -> set[str]:
     """The train.csv patients held out as the validation split: those whose stable hash falls
-    below VALIDATION_FRACTION or, on a set too small to have one there, the lowest hash."""
+    below VALIDATION_FRACTION or, on a set too small to have one there, the lowest hash (none
+    from a single patient: train keeps it)."""
     ids = sorted(set(patient_ids))
+    if len(ids) < 2:
+        return set()
     h = {p: stable_unit_hash(p, _VALIDATION_SALT) for p in ids}
     chosen = {p for p in ids if h[p] < VALIDATION_FRACTION}
     return chosen or ({min(ids, key=h.__getitem__)} if ids else set())
