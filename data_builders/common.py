@@ -236,7 +236,9 @@ def parse_choice(text: str, choices: Mapping[str, Any], *, field: str) -> Any:
 
 
 def check_image(path: epath.Path) -> str | None:
-    """Decodes the image fully; returns why it is unusable, or None if it is a valid JPEG/PNG."""
+    """Decodes the image fully; returns why it is unusable, or None if it is a valid JPEG/PNG.
+    PIL calls a phone camera's multi-picture JPEG 'MPO'; it is a JPEG (TF decodes its first
+    picture, the photo), so it is accepted."""
     if not path.exists():
         return f"image file not found: {path}"
     try:
@@ -245,7 +247,7 @@ def check_image(path: epath.Path) -> str | None:
             im.load()  # full decode: catches truncated and corrupt files
     except Exception as e:  # noqa: BLE001 - any decoder failure means unusable
         return f"cannot decode image {path}: {type(e).__name__}: {e}"
-    if fmt not in ("JPEG", "PNG"):
+    if fmt not in ("JPEG", "MPO", "PNG"):
         return f"image {path} is {fmt}, expected JPEG or PNG"
     return None
 

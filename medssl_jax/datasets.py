@@ -291,6 +291,19 @@ def _source_digest(fn: Transform) -> str:
         return "unknown"
 
 
+def _prepared_fingerprint(builder: tfds.core.DatasetBuilder, split: str) -> list:
+    """(name, size, mtime) of the split's stored metadata files: a dataset prepared again (e.g.
+    with corrected labels, same size) gets a new index even where the index lives in a local
+    cache keyed by the data folder's path (gs:// or read-only data_dir)."""
+    folder = case_store.meta_path(builder, split)
+    try:
+        names = sorted(tf.io.gfile.listdir(folder))
+        stats = [tf.io.gfile.stat(f"{folder.rstrip('/')}/{n}") for n in names]
+    except tf.errors.OpError:
+        return []
+    return [[n, int(s.length), int(s.mtime_nsec)] for n, s in zip(names, stats, strict=True)]
+
+
 def index_path(builder: tfds.core.DatasetBuilder, digest: str) -> str:
     """Where a split's index lives: next to the prepared data, or, when that folder is remote
     (gs://: memory-mapping needs a local file) or read-only, in a local cache
@@ -312,7 +325,14 @@ def _get_index(builder, split, fn, fields, options) -> dict[str, np.ndarray]:
     when the hook's source changes."""
     size = builder.info.splits[split].num_examples  # (a re-prepared split: a new index)
     blob = json.dumps(
-        [_INDEX_VERSION, str(split), size, dict(options or {}), _source_digest(fn)],
+        [
+            _INDEX_VERSION,
+            str(split),
+            size,
+            dict(options or {}),
+            _source_digest(fn),
+            _prepared_fingerprint(builder, split),
+        ],
         sort_keys=True,
         default=str,
     )

@@ -300,6 +300,29 @@ def test_derm_csv_patient_in_two_splits(tmp_path):
 # ----------------------------------------------------------------------------- image folder
 
 
+def test_phone_camera_multi_picture_jpeg_is_a_valid_image(tmp_path):
+    """Phones write JPEGs with an MPF segment (PIL: 'MPO'); TF decodes them, so the builders'
+    image check must accept them rather than reject the row."""
+    import numpy as np
+    import tensorflow as tf
+    from etils import epath
+    from PIL import Image
+
+    from data_builders import common as builder_common
+    from medssl_jax.datasets import decode_float
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8))
+    path = tmp_path / "phone.jpg"
+    photo.save(path, format="MPO", save_all=True, append_images=[photo.rotate(90)])
+    with Image.open(path) as im:
+        assert im.format == "MPO"
+    assert builder_common.check_image(epath.Path(path)) is None
+    assert decode_float(tf.constant(path.read_bytes())).shape == (24, 24, 3)
+    photo.save(tmp_path / "scan.gif", format="GIF")
+    assert "is GIF, expected" in builder_common.check_image(epath.Path(tmp_path / "scan.gif"))
+
+
 def test_image_folder_bad_files(tmp_path):
     manual = copy_dummy("image_folder_unlabeled", tmp_path)
     bad = manual / "patient2" / "study0" / "img1.jpeg"

@@ -412,3 +412,42 @@ def test_missing_manual_dir_names_expected_files(tmp_path):
         datasets.prepare(builder, manual_dir=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="downloads/manual"):
         datasets.prepare(builder, data_dir=str(tmp_path))
+
+
+def test_cached_index_of_a_read_only_data_dir_follows_a_re_prepared_dataset(tmp_path, monkeypatch):
+    """A read-only (or gs://) data_dir keeps its index in a local cache keyed by the folder's
+    path: labels corrected in the CSV and the dataset prepared again (same size) must be read
+    as corrected, not from the stale cached index."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    manual.mkdir()
+    monkeypatch.setenv("MEDSSL_INDEX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(manual / f"i{i}.png")
+    real_access = os.access
+
+    def read_only(path, mode, *a, **k):
+        if "derm_csv" in str(path) and mode == os.W_OK:
+            return False
+        return real_access(path, mode, *a, **k)
+
+    monkeypatch.setattr(os, "access", read_only)
+
+    def labels(names):
+        rows = "".join(f"i{i}.png,c{i},{n}\n" for i, n in enumerate(names))
+        (manual / "labels.csv").write_text("image_path,case_id,label\n" + rows)
+        store, spec = datasets.load("derm_csv", "train", data_dir=str(data), manual_dir=str(manual))
+        cases = range(store.num_cases)
+        return {store.case_id(c): spec.class_names[store.labels[store.offsets[c]]] for c in cases}
+
+    first = labels(["a", "b"] * 4)
+    assert not any(p.name.startswith("medssl_index") for p in data.rglob("*"))  # cached locally
+    shutil.rmtree(data / "derm_csv")  # prepared again with every label swapped
+    second = labels(["b", "a"] * 4)
+    assert first and set(first) == set(second)
+    assert all({first[c], second[c]} == {"a", "b"} for c in first), (first, second)
