@@ -3,6 +3,8 @@ converters, checked against outputs PyTorch computed (tests/fixtures/make_torch_
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
 import pickle
@@ -319,6 +321,37 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli.main([*bad, "--variant", TINY_R50, "--out", str(tmp_path / "x")]) == 2
     assert "os.system" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_refuses_options_the_format_ignores_and_names_truncation(tmp_path, capsys):
+    """--ema / --rescale_v1 mean nothing to a PyTorch file (nor --drop_heads to a SimCLR one):
+    refused naming the option, not silently dropped. A legacy .pth cut right after its key list
+    is a one-line 'truncated' error, not a traceback."""
+    argv = ["--source", fixture("swav.pth.tar"), "--format", "torch_resnet", "--variant", TINY_R50]
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--ema"]) == 2
+    assert "--ema does not apply to --format=torch_resnet" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a")
+    with pytest.raises(ValueError, match="--drop_heads does not apply to --format=simclr_v2_tf2"):
+        cli.convert("unused", "simclr_v2_tf2", TINY_R50, drop_heads=True, ema=False)
+
+    raw = open(fixture("resnet_tv_legacy.pth"), "rb").read()
+    f = io.BytesIO(raw)
+
+    class Skim(pickle.Unpickler):  # reads the pickles without building their objects
+        def find_class(self, module, name):
+            return collections.OrderedDict if name == "OrderedDict" else lambda *a, **k: None
+
+        def persistent_load(self, pid):
+            return None
+
+    for _ in range(5):  # magic, protocol, sys_info, the object, the storage keys
+        Skim(f).load()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(raw[: f.tell()])
+    with pytest.raises(ValueError, match="truncated before storage"):
+        torch_pickle.load(str(cut))
+    assert cli.main(["--source", str(cut), *argv[2:], "--out", str(tmp_path / "b")]) == 2
+    assert "truncated before storage" in capsys.readouterr().err
 
 
 def test_works_with_torch_unimportable(monkeypatch):

@@ -34,7 +34,16 @@ def convert(source: str, fmt: str, variant: str, **options) -> common.Converted:
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
     module = importlib.import_module(FORMATS[fmt])
-    return module.convert(source, variant, fmt=fmt, **options)
+    # An option the format does not read would be silently ignored (--drop_heads keeping the
+    # heads of a SimCLR file): refuse it, naming it, unless left at its default.
+    given = {k: v for k, v in options.items() if v not in (None, False)}
+    foreign = sorted(set(given) - set(module.OPTIONS))
+    if foreign:
+        raise ValueError(
+            f"--{foreign[0]} does not apply to --format={fmt} (its options: "
+            f"{', '.join('--' + o for o in module.OPTIONS)})"
+        )
+    return module.convert(source, variant, fmt=fmt, **given)
 
 
 def main(argv: list[str] | None = None) -> int:

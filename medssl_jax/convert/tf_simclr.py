@@ -41,6 +41,9 @@ rescale_rule = (
 )
 
 
+OPTIONS = ("ema", "rescale_v1")  # the command-line options this reader takes
+
+
 def convert(
     source: str,
     variant: str,
@@ -48,7 +51,6 @@ def convert(
     fmt: str,
     ema: bool = False,
     rescale_v1: bool = False,
-    **_,
 ) -> common.Converted:
     """Read the SimCLR network at `source` (format `fmt`) into the variables of `variant`."""
     if fmt not in FORMATS:

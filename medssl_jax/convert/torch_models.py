@@ -415,6 +415,9 @@ def convert_state_dict(
     )
 
 
+OPTIONS = ("checkpoint_key", "drop_heads")  # the command-line options this reader takes
+
+
 def convert(
     source: str,
     variant: str,
@@ -422,7 +425,6 @@ def convert(
     fmt: str,
     checkpoint_key: str | None = None,
     drop_heads: bool = False,
-    **_: Any,
 ) -> common.Converted:
     """Read the `.pth` file `source` (DINO full checkpoints: the teacher unless
     `checkpoint_key='student'`) and convert it to `variant` (see module docstring)."""

@@ -256,7 +256,10 @@ def _load_legacy(path: str) -> Any:
             storage = unpickler.storages.get(str(key))
             if storage is None:
                 raise ValueError(f"{path}: storage {key!r} listed but never referenced")
-            count = int(np.frombuffer(f.read(8), ">i8" if big else "<i8")[0])
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{path}: truncated before storage {key!r}")
+            count = int(np.frombuffer(head, ">i8" if big else "<i8")[0])
             raw = f.read(count * storage.dtype.itemsize)
             if len(raw) != count * storage.dtype.itemsize:
                 raise ValueError(f"{path}: truncated storage {key!r}")
