@@ -284,6 +284,20 @@ def test_derm_csv_unknown_label_and_bad_settings(tmp_path):
     assert_nothing_written(tmp_path)
 
 
+def test_derm_csv_one_file_named_two_ways_is_a_duplicate(tmp_path):
+    """'images/x.png' and './images/x.png' are one image: a second row naming it another way is
+    a duplicate (it could otherwise sit in two cases, even two splits: leakage)."""
+    manual = copy_dummy("derm_csv", tmp_path)
+    csv_path = manual / "labels.csv"
+    lines = csv_path.read_text().splitlines()
+    first = lines[1].split(",")[0]
+    other = next(line for line in lines[2:] if line.split(",")[1] != lines[1].split(",")[1])
+    lines.append(",".join(["./" + first, *other.split(",")[1:]]))
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadInputError, match=rf"row {len(lines)}: duplicate image id '{first}'"):
+        prepare(derm.DermCsv, tmp_path, manual)
+
+
 def test_derm_csv_patient_in_two_splits(tmp_path):
     manual = copy_dummy("derm_csv", tmp_path)
     csv_path = manual / "labels.csv"

@@ -14,6 +14,7 @@ patient-level `patient_split` (salt 'derm_csv') with `split_fractions`.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -163,14 +164,17 @@ def parse_row(
     split = None
     if s["split_column"]:
         split = common.check_split_name(v[s["split_column"]], field=s["split_column"])
-    path = epath.Path(image)
+    # One file named two ways ('a.jpg', './a.jpg', 'x/../a.jpg') is one image id, so the
+    # duplicate check catches it (else it could sit in two cases, even two splits).
+    image_id = posixpath.normpath(image)
+    path = epath.Path(image_id)
     if not path.is_absolute():
-        path = image_root / image
+        path = image_root / image_id
     return common.ImageRow(
         file=row.file,
         row=row.line,
         path=path,
-        image_id=image,
+        image_id=image_id,
         case_id=case,
         patient_id=patient,
         fields={
