@@ -40,6 +40,7 @@ from medssl_jax.color_layout import (
     PARAM_SOLARIZE,
     SOLARIZE_THRESHOLD,
     blur_kernel_size,
+    check_jitter,
 )
 
 # Sub-seed slots of both halves (fixed so that disabling one stage leaves the others' draws
@@ -75,22 +76,6 @@ def _check_strength(color_strength: float) -> float:
     if not math.isfinite(s) or s < 0.0:
         raise ValueError(f"color_strength must be finite and >= 0, got {color_strength!r}")
     return s
-
-
-def _check_jitter(jitter: Any) -> tuple[float, float, float, float]:
-    """Explicit jitter strengths (brightness, contrast, saturation, hue): 4 finite numbers
-    >= 0, hue <= 0.5 (a full turn of the hue circle)."""
-    values = tuple(float(v) for v in jitter)
-    if (
-        len(values) != 4
-        or not all(math.isfinite(v) and v >= 0.0 for v in values)
-        or values[3] > 0.5
-    ):
-        raise ValueError(
-            "jitter must be () or 4 finite strengths >= 0 (brightness, contrast, saturation, "
-            f"hue <= 0.5), got {tuple(jitter)!r}"
-        )
-    return values
 
 
 def _prepare_seed(seed: Any) -> tf.Tensor:
@@ -277,7 +262,7 @@ def color_params(
     blur_prob = _check_prob("blur_prob", blur_prob)
     solarize_prob = _check_prob("solarize_prob", solarize_prob)
     if len(jitter):
-        b, c, s, h = _check_jitter(jitter)
+        b, c, s, h = check_jitter(tuple(jitter))
         strengths = dict(brightness=b, contrast=c, saturation=s, hue=h)
     else:
         strengths = _jitter_strengths(color_strength)

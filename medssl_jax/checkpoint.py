@@ -287,6 +287,12 @@ def latest_step(path: str) -> int:
     return step
 
 
+def _best_reader(path: str) -> ocp.CheckpointManager:
+    """Reads `path/best` (finetune.BestKeeper writes it: {'variables', 'meta'})."""
+    handlers = {"variables": ocp.StandardCheckpointHandler()}
+    return ocp.CheckpointManager(orbax_path(path) / "best", item_handlers=handlers)
+
+
 def reported_best_step(path: str) -> int | None:
     """The step of `path/best` (a fine-tune or DVME run's validation-selected weights) when the
     run's results.json reports that step, else None (no best/, or the run has not finished)."""
@@ -297,7 +303,7 @@ def reported_best_step(path: str) -> int | None:
     if not (best.is_dir() and results.is_file()):
         return None
     step = json.loads(results.read_text()).get("step")
-    mngr = ocp.CheckpointManager(best, item_handlers={"variables": ocp.StandardCheckpointHandler()})
+    mngr = _best_reader(path)
     try:
         return step if step is not None and step == mngr.latest_step() else None
     finally:
@@ -320,10 +326,7 @@ def _restore_on_host(mngr: ocp.CheckpointManager, step: int, item: str) -> Any:
 
 
 def _load_best(path: str, step: int) -> tuple[dict, dict, int]:
-    mngr = ocp.CheckpointManager(
-        orbax_path(path) / "best", item_handlers={"variables": ocp.StandardCheckpointHandler()}
-    )
-    v = _restore_on_host(mngr, step, "variables")
+    v = _restore_on_host(_best_reader(path), step, "variables")
     logging.info(
         "%s: using best/%d, the validation-selected weights results.json reports", path, step
     )

@@ -8,6 +8,9 @@ Flags are 0.0 / 1.0; the vector is float32 ``[NUM_COLOR_PARAMS]``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 PARAM_JITTER = 0  # colour jitter applied
 PARAM_BRIGHTNESS = 1  # brightness factor (multiplicative; 1 = no-op)
 PARAM_CONTRAST = 2  # contrast factor (1 = no-op)
@@ -29,3 +32,18 @@ SOLARIZE_THRESHOLD = 0.5
 def blur_kernel_size(image_size: int) -> int:
     """SimCLR kernel size for ``image_size``: ``image_size // 10`` made odd (2*(k//2)+1)."""
     return 2 * ((image_size // 10) // 2) + 1
+
+
+def check_jitter(jitter: Sequence[float]) -> tuple[float, float, float, float]:
+    """Explicit jitter strengths (brightness, contrast, saturation, hue): 4 finite numbers
+    >= 0, hue <= 0.5 (a full turn of the hue circle); ValueError otherwise."""
+    ok = len(jitter) == 4 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in jitter
+    )
+    if not ok or jitter[3] > 0.5:
+        raise ValueError(
+            "jitter must be () or 4 finite strengths >= 0 (brightness, contrast, saturation, "
+            f"hue <= 0.5), got {tuple(jitter)!r}"
+        )
+    return tuple(float(v) for v in jitter)  # type: ignore[return-value]

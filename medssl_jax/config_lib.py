@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from medssl_jax import optim, paths
+from medssl_jax import color_layout, optim, paths
 
 SUPERVISED = ("finetune", "linear_eval")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -181,15 +181,12 @@ def _validate_view_colour(augment: ml_collections.ConfigDict, require) -> None:
     """augment.jitter: () or 4 strengths (finite, >= 0, hue <= 0.5); view_blur_prob and
     view_solarize_prob: 3 probabilities (global crop 1, global crop 2, local crops)."""
     jitter = augment.jitter
-    require(
-        isinstance(jitter, (tuple, list))
-        and len(jitter) in (0, 4)
-        and all(_is_number(v) and v >= 0 for v in jitter)
-        and (not jitter or jitter[3] <= 0.5),
-        "augment.jitter",
-        "must be () (SimCLR's strengths from color_strength) or 4 finite strengths >= 0 "
-        f"(brightness, contrast, saturation, hue <= 0.5), got {jitter!r}",
-    )
+    require(isinstance(jitter, (tuple, list)), "augment.jitter", f"must be a tuple, got {jitter!r}")
+    if jitter:
+        try:
+            color_layout.check_jitter(jitter)
+        except ValueError as e:
+            require(False, "augment.jitter", str(e))
     for key in ("view_blur_prob", "view_solarize_prob"):
         probs = augment[key]
         require(

@@ -98,13 +98,19 @@ _BARRIERS: dict[str, int] = {}
 _DAY_MS = 24 * 3600 * 1000
 
 
+def _distributed() -> Any:
+    """jax.distributed's state (its coordination-service client; no public API offers a
+    barrier with a long time-out or a key-value store)."""
+    from jax._src import distributed
+
+    return distributed.global_state
+
+
 def process_ids() -> tuple[int, int]:
     """(this process, number of processes) from jax.distributed's state, without starting a
     backend (data-only tools such as `prepare` must not claim the accelerator); (0, 1) when
     jax.distributed is not initialised."""
-    from jax._src import distributed
-
-    state = distributed.global_state
+    state = _distributed()
     if state.client is None:
         return 0, 1
     return int(state.process_id), int(state.num_processes)
@@ -115,15 +121,12 @@ def _unique(name: str) -> str:
     return f"{name}#{_BARRIERS[name]}"
 
 
-def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+def barrier(name: str) -> None:
     """All processes meet here (nothing with one process). The coordination service's barrier
-    waits up to `timeout_s`: what the others wait for (a dataset being prepared) can take
-    longer than a collective's time-out. Every process must call it in the same order."""
-    if process_ids()[1] == 1:
-        return
-    from jax._src import distributed
-
-    distributed.global_state.client.wait_at_barrier(_unique(name), int(timeout_s * 1000))
+    waits up to a day: what the others wait for (a dataset being prepared) can take longer
+    than a collective's time-out. Every process must call it in the same order."""
+    if process_ids()[1] > 1:
+        _distributed().client.wait_at_barrier(_unique(name), _DAY_MS)
 
 
 def first_then_others(name: str, fn: Callable[[], T], others: Callable[[], T] | None = None) -> T:
@@ -133,9 +136,7 @@ def first_then_others(name: str, fn: Callable[[], T], others: Callable[[], T] | 
     pid, count = process_ids()
     if count == 1:
         return fn()
-    from jax._src import distributed
-
-    client, key = distributed.global_state.client, _unique(f"status {name}")
+    client, key = _distributed().client, _unique(f"status {name}")
     if pid == 0:
         try:
             out = fn()

@@ -47,14 +47,6 @@ cases = datasets.load(
 )[0]
 
 
-def barrier(name: str) -> None:
-    """All processes meet here (coordination service, generous timeout; not a collective)."""
-    from jax._src import distributed
-
-    if distributed.global_state.client is not None:
-        distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=1_800_000)
-
-
 mesh = sharding.make_mesh()
 assert mesh.devices.size == int(nproc) * int(ndev), mesh
 results, arrays = {}, {}
@@ -89,7 +81,7 @@ for method in METHODS:
         batch = sharding.to_global(local, mesh)
         if step is None:  # compile first, then meet: gloo's 30 s set-up never waits on XLA
             step = built.step.lower(state, batch).compile()
-            barrier(f"{method}_compiled")
+            sharding.barrier(f"{method}_compiled")
         state, m = step(state, batch)
         metrics.append({k: float(np.asarray(v.addressable_data(0))) for k, v in m.items()})
     for k, v in host(keep(state)).items():
